@@ -1,0 +1,164 @@
+"""Reading and writing adapter directories: config JSON, tensor files, the size limit, tenfold's own format.
+
+Every foreign format is a PEFT-style directory (adapter_config.json + adapter_model.safetensors or a pickled
+adapter_model.bin); pickles are only ever opened with ``torch.load(weights_only=True)``. tenfold's own format is the
+same layout with an explicit family, hyperparameters, the base model's shapes and every tensor's shape in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import AdapterFormatError, AdapterKeyError, AdapterTooLargeError, where
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+TENFOLD_FORMAT = "tenfold"
+TENFOLD_FORMAT_VERSION = 1
+DEFAULT_MAX_BYTES = 4 << 30
+
+
+def max_adapter_bytes() -> int:
+    """The size limit for one adapter's tensor file: env TENFOLD_MAX_ADAPTER_BYTES, default 4 GiB."""
+    value = os.environ.get("TENFOLD_MAX_ADAPTER_BYTES")
+    return int(value) if value else DEFAULT_MAX_BYTES
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise AdapterFormatError(f"{directory}: not a directory; an adapter is a directory holding {CONFIG_NAME} "
+                                 f"and {SAFETENSORS_NAME} (or {BIN_NAME})")
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: missing; every adapter directory needs {CONFIG_NAME}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def weights_file(directory: Path) -> Path:
+    for name in (SAFETENSORS_NAME, BIN_NAME):
+        path = Path(directory) / name
+        if path.is_file():
+            return path
+    raise AdapterFormatError(f"{directory}: no tensor file: expected {SAFETENSORS_NAME} or {BIN_NAME}")
+
+
+def read_tensors(path: Path, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors or pickled .bin file, on CPU; size-limited before anything is parsed."""
+    limit = max_adapter_bytes() if max_bytes is None else max_bytes
+    size = path.stat().st_size
+    if size > limit:
+        raise AdapterTooLargeError(f"{path}: {size} bytes, over the adapter size limit of {limit} bytes "
+                                   f"(TENFOLD_MAX_ADAPTER_BYTES)")
+    if path.suffix == ".safetensors":
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterFormatError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    else:
+        try:
+            tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle, zip and unpickler errors all mean the same thing here
+            raise AdapterFormatError(f"{path}: cannot be read as a weights-only torch pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise AdapterFormatError(f"{path}: expected a mapping of tensor names to tensors")
+    if not tensors:
+        raise AdapterFormatError(f"{path}: holds no tensors")
+    return tensors
+
+
+_MODULE_KEY = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.(?:\w+\.)*?(?P<module>\w+)\.(?P<rest>{rest})$")
+
+
+def group_by_module(tensors: dict, rest_pattern: str, source: Path, paths: dict | None = None):
+    """Sort per-module checkpoint keys (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``) into
+    {(3, "q_proj"): {"lora_A.weight": tensor}}; `paths`, when given, receives each module's full path. Any key that
+    is not of that form is an error: a checkpoint is taken whole or not at all."""
+    pattern = re.compile(_MODULE_KEY.pattern.replace("{rest}", rest_pattern))
+    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unmatched = []
+    for name, value in tensors.items():
+        m = pattern.search(name)
+        if m is None:
+            unmatched.append(name)
+            continue
+        key = (int(m.group("layer")), m.group("module"))
+        grouped.setdefault(key, {})[m.group("rest")] = value
+        if paths is not None:
+            paths[key] = name[: m.start("rest") - 1]
+    if unmatched:
+        raise AdapterKeyError(
+            f"{where(source)}: {len(unmatched)} tensor key(s) match no per-layer module of the expected form "
+            f"'...layers.<i>.<module>.{rest_pattern}', e.g. {unmatched[:3]}; refusing a checkpoint that would only "
+            f"partly apply")
+    if not grouped:
+        raise AdapterKeyError(f"{where(source)}: no tensor key names a module")
+    return grouped
+
+
+def write_tenfold(adapter, directory: Path) -> Path:
+    """Save an adapter in tenfold's own format (PEFT-style directory, explicit family and shapes)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in adapter.tensors().items()}
+    config = {
+        "format": TENFOLD_FORMAT,
+        "format_version": TENFOLD_FORMAT_VERSION,
+        "family": adapter.family,
+        "config": adapter.config,
+        "target_modules": adapter.target_modules(),
+        "base_model": spec_to_json(adapter.spec) if adapter.spec is not None else None,
+        "tensors": {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                    for name, t in tensors.items()},
+    }
+    save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt", "tenfold_family": adapter.family})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def check_tenfold_tensors(config: dict, tensors: dict, source: Path) -> None:
+    """The JSON's declared tensors and the file's tensors must agree exactly."""
+    declared = config.get("tensors")
+    if not isinstance(declared, dict):
+        raise AdapterFormatError(f"{where(source.parent / CONFIG_NAME, 'tensors')}: expected a mapping of tensor names "
+                                 f"to shapes")
+    missing = sorted(set(declared) - set(tensors))
+    extra = sorted(set(tensors) - set(declared))
+    if missing or extra:
+        raise AdapterKeyError(f"{where(source)}: tensors disagree with {CONFIG_NAME}: missing {missing[:5]}, "
+                              f"undeclared {extra[:5]}")
+    for name, entry in declared.items():
+        if list(tensors[name].shape) != list(entry.get("shape", [])):
+            raise AdapterFormatError(f"{where(source, name)}: {CONFIG_NAME} declares shape {entry.get('shape')}, the "
+                                     f"file holds {list(tensors[name].shape)}")
+
+
+def spec_to_json(spec) -> dict:
+    return {
+        "num_layers": spec.num_layers, "hidden_size": spec.hidden_size, "num_heads": spec.num_heads,
+        "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim, "intermediate_size": spec.intermediate_size,
+        "model_type": spec.model_type, "dtype": str(spec.dtype).removeprefix("torch."), "name": spec.name,
+    }
+
+
+def spec_from_json(data: dict | None):
+    from .spec import ModelSpec
+
+    if not data:
+        return None
+    data = dict(data)
+    data["dtype"] = getattr(torch, data.get("dtype") or "float32")
+    return ModelSpec(**data)

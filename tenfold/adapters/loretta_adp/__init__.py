@@ -1,0 +1,4 @@
+"""LoRETTA adp: tensorized bottleneck adapters."""
+from .family import LoRETTAAdp
+
+__all__ = ["LoRETTAAdp"]

@@ -1,0 +1,4 @@
+"""LoRETTA rep: tensor-train reparameterized LoRA."""
+from .family import LoRETTARep
+
+__all__ = ["LoRETTARep"]

@@ -1,0 +1,38 @@
+"""PEFT MiSS (peft_type MISS, ``miss_block``) and legacy Bone (peft_type BONE, ``bone_block``) directories.
+``init_weights`` decides the variant: true/false -> default, "mini" -> mini (with mini_r), "bat" -> Bat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..base import key_name
+from ..checkpoint import CONFIG_NAME, group_by_module
+from ..errors import AdapterFormatError, where
+from ..bat.family import Bat
+from .family import MiSS
+
+
+def read(config: dict, tensors: dict, source: Path):
+    cfg_path = source.parent / CONFIG_NAME
+    if not isinstance(config.get("r"), int):
+        raise AdapterFormatError(f"{where(cfg_path, 'r')}: expected an integer, found {config.get('r')!r}")
+    init = config.get("init_weights", True)
+    if init not in (True, False, "mini", "bat"):
+        raise AdapterFormatError(f"{where(cfg_path, 'init_weights')}: expected true, false, 'mini' or 'bat', found {init!r}")
+    block_name = "bone_block" if config.get("peft_type") == "BONE" else "miss_block"
+    grouped = group_by_module(tensors, block_name, source)
+    ours = {f"{key_name(key)}.miss_block": parts[block_name] for key, parts in grouped.items()}
+    targets = config.get("target_modules")
+    layers = config.get("layers_to_transform")
+    common = {"r": config["r"],
+              "target_modules": sorted(targets) if isinstance(targets, list) else sorted({m for _, m in grouped}),
+              "layers": [layers] if isinstance(layers, int) else layers}
+    if isinstance(targets, str):
+        common["target_regex"] = targets
+    if init == "bat":
+        return Bat(common, ours, source=source)
+    if init == "mini":
+        if not isinstance(config.get("mini_r"), int):
+            raise AdapterFormatError(f"{where(cfg_path, 'mini_r')}: the mini variant needs an integer mini_r")
+        return MiSS({**common, "variant": "mini", "mini_r": config["mini_r"]}, ours, source=source)
+    return MiSS({**common, "variant": "default"}, ours, source=source)
