@@ -39,11 +39,12 @@ class AdaptedLinear(nn.Module):
 
 
 def find_linears(model: nn.Module) -> dict[ModuleKey, tuple[nn.Module, str, nn.Module]]:
-    """{(layer, name): (parent, attribute, module)} for every per-layer nn.Linear of a decoder model."""
+    """{(layer, name): (parent, attribute, module)} for every per-layer nn.Linear of a decoder model (or the
+    AdaptedLinear that currently wraps it)."""
     found = {}
     for path, module in model.named_modules():
         m = _LINEAR_PATH.search(path)
-        if m and isinstance(module, nn.Linear):
+        if m and (isinstance(module, AdaptedLinear) or (isinstance(module, nn.Linear) and m.group(2) != "base")):
             parent_path, _, attr = path.rpartition(".")
             found[(int(m.group(1)), m.group(2))] = (model.get_submodule(parent_path), attr, module)
     return found

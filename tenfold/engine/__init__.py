@@ -1,0 +1,1 @@
+"""The vLLM plugin: tenfold's adapters served through vLLM's LoRA request machinery (see the plugin issue)."""
