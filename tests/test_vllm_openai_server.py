@@ -97,3 +97,44 @@ def test_unknown_or_escaping_names_are_not_found(server, name):
         complete(server["client"], name, [5, 6, 7])
     tokens, _ = complete(server["client"], "base", [5, 6, 7])  # still serving
     assert len(tokens) == NEW_TOKENS
+
+
+def test_runtime_load_of_native_directories(server, specs, hf_models, tmp_path):
+    """/v1/load_lora_adapter takes native directories; a family without a LoRA form is refused with a clear
+    message and the server keeps serving."""
+    import httpx
+
+    base_url = str(server["client"].base_url).removesuffix("/v1/").removesuffix("/v1")
+    adapter = make("lorta_heads_out", specs["mha"], seed=44)
+    save_adapter(adapter, tmp_path / "late")
+    save_adapter(make("bat", specs["mha"], seed=45), tmp_path / "bat")
+    ok = httpx.post(f"{base_url}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": str(tmp_path / "late")},
+                    timeout=120)
+    assert ok.status_code == 200, ok.text
+    refused = httpx.post(f"{base_url}/v1/load_lora_adapter",
+                         json={"lora_name": "bat", "lora_path": str(tmp_path / "bat")}, timeout=120)
+    assert refused.status_code == 400 and "native path" in refused.text, refused.text
+
+    prompt = random_prompts(1, seed=60)[0]
+    tokens, _ = complete(server["client"], "late", prompt)
+    assert tokens == greedy_reference(hf_models["mha"], prompt, NEW_TOKENS, adapter)[0]
+
+
+def test_runtime_load_errors_have_precise_status(server, specs, tmp_path):
+    import httpx
+
+    base_url = str(server["client"].base_url).removesuffix("/v1/").removesuffix("/v1")
+    from tenfold.adapters import ModelSpec
+
+    other = ModelSpec(num_layers=3, hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, intermediate_size=1024)
+    save_adapter(make("lora", other, seed=46), tmp_path / "wrong_model")
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "adapter_config.json").write_text("{not json")
+    cases = {"wrong_model": (400, "expected shape"), "corrupt": (400, "not valid JSON"),
+             "missing": (404, "No adapter found")}
+    for name, (status, message) in cases.items():
+        response = httpx.post(f"{base_url}/v1/load_lora_adapter",
+                              json={"lora_name": name, "lora_path": str(tmp_path / name)}, timeout=120)
+        assert response.status_code == status and message in response.text, (name, response.text)
+    tokens, _ = complete(server["client"], "lorta", [5, 6, 7])
+    assert len(tokens) == NEW_TOKENS

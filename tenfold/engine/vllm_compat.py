@@ -4,7 +4,9 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
 1. Worker loading: `WorkerLoRAManager._load_adapter` reads any tenfold-readable directory, validates it against the
    served model and converts it to LoRA tensors in memory (exactly-low-rank families only).
 2. Front-end validation: `InputProcessor._validate_lora` runs the same load before a request is queued, so a bad or
-   missing adapter fails that request with a clear error instead of crashing the engine core mid-step.
+   missing adapter fails that request with a clear error instead of crashing the engine core mid-step; the
+   OpenAI server's `/v1/load_lora_adapter` check does too, answering 400 (unusable adapter) or 404 (no such path)
+   instead of a 500 from the worker.
 3. CPU LoRA ops: vLLM 0.32's torch ops gather slot index -1 ("no adapter") as the last slot, which applies an
    adapter to base-model rows batched with adapter rows; the patched ops zero those rows.
 4. Prefix caching: block hashes of adapter requests also carry the adapter files' fingerprint, so a reloaded
@@ -45,6 +47,7 @@ def apply() -> None:
     check_version()
     _patch_worker_loading()
     _patch_request_validation()
+    _patch_load_endpoint()
     _patch_cpu_lora_ops()
     _patch_prefix_cache_keys()
     _applied = True
@@ -124,20 +127,53 @@ def _patch_request_validation() -> None:
 
     original = InputProcessor._validate_lora
 
+    def check_adapter(self, lora_request) -> None:
+        """Load and convert in this process (cached); raises AdapterError or FileNotFoundError."""
+        if not hasattr(self, "_tenfold_spec"):
+            self._tenfold_spec = served_spec(self.vllm_config)
+        convert_for_vllm(get_adapter_absolute_path(lora_request.lora_path), self._tenfold_spec,
+                         self.lora_config.max_lora_rank)
+
     def _validate_lora(self, lora_request):
         original(self, lora_request)
         if lora_request is None:
             return
-        if not hasattr(self, "_tenfold_spec"):
-            self._tenfold_spec = served_spec(self.vllm_config)
         try:
-            convert_for_vllm(get_adapter_absolute_path(lora_request.lora_path), self._tenfold_spec,
-                             self.lora_config.max_lora_rank)
+            self._tenfold_check_adapter(lora_request)
         except (AdapterError, FileNotFoundError) as e:
             raise VLLMValidationError(f"adapter {lora_request.lora_name!r} cannot be served: {e}",
                                       parameter="lora_request", value=lora_request.lora_name) from None
 
+    InputProcessor._tenfold_check_adapter = check_adapter
     InputProcessor._validate_lora = _validate_lora
+
+
+def _patch_load_endpoint() -> None:
+    from http import HTTPStatus
+
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve import create_error_response
+    from vllm.exceptions import LoRAAdapterNotFoundError
+    from vllm.lora.request import LoRARequest
+
+    from ..adapters import AdapterError
+
+    original = OpenAIServingModels._check_load_lora_adapter_request
+
+    async def _check_load_lora_adapter_request(self, request):
+        error = await original(self, request)
+        if error is not None:
+            return error
+        try:
+            self.input_processor._tenfold_check_adapter(LoRARequest(request.lora_name, 1, request.lora_path))
+        except FileNotFoundError:
+            return create_error_response(LoRAAdapterNotFoundError(request.lora_name, request.lora_path))
+        except AdapterError as e:
+            return create_error_response(message=f"adapter {request.lora_name!r} cannot be served: {e}",
+                                         err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
+        return None
+
+    OpenAIServingModels._check_load_lora_adapter_request = _check_load_lora_adapter_request
 
 
 # --- 3: CPU LoRA ops -----------------------------------------------------------------------------------------------
