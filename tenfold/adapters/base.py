@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterKeyError, AdapterMismatchError, AdapterValueError, NoExactLoRAError, where
@@ -69,9 +70,9 @@ class Adapter(nn.Module, ABC):
 
     # --- the family's math ---------------------------------------------------------------------------------------
     @property
-    @abstractmethod
     def targets(self) -> list[ModuleKey]:
-        """The (layer, module) pairs this adapter changes, sorted."""
+        """The (layer, module) pairs this adapter changes, sorted (per-module families set `_targets`)."""
+        return self._targets
 
     @property
     @abstractmethod
@@ -164,3 +165,19 @@ class Adapter(nn.Module, ABC):
     def describe(self) -> dict:
         """Family hyperparameters shown by `tenfold inspect` beside the rank."""
         return {}
+
+
+class LowRankAdapter(Adapter):
+    """A family whose update is exactly B @ A per module: delta and the on-the-fly apply follow from lora_factors."""
+
+    @abstractmethod
+    def lora_factors(self, key: ModuleKey) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
+
+    def delta(self, key, base_weight=None):
+        a, b = self.lora_factors(key)
+        return b @ a
+
+    def apply(self, key, x, base):
+        a, b = self.lora_factors(key)
+        return base(x) + F.linear(F.linear(x.to(a.dtype), a), b).to(x.dtype)

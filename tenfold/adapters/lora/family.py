@@ -7,11 +7,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..base import Adapter, ModuleKey, key_name, parse_key_name
+from ..base import LowRankAdapter, ModuleKey, key_name, parse_key_name
 from ..errors import AdapterMismatchError, where
 
 
-class LoRA(Adapter):
+class LoRA(LowRankAdapter):
     family = "lora"
 
     def __init__(self, config: dict, tensors: dict, spec=None, source=None):
@@ -40,10 +40,6 @@ class LoRA(Adapter):
         return cls(config, tensors, spec)
 
     @property
-    def targets(self) -> list[ModuleKey]:
-        return self._targets
-
-    @property
     def rank(self) -> int:
         return int(self.config["r"])
 
@@ -59,10 +55,6 @@ class LoRA(Adapter):
     def lora_factors(self, key):
         a, b = self.factors(key)
         return a, b * self.scaling(key)
-
-    def delta(self, key, base_weight=None):
-        a, b = self.lora_factors(key)
-        return b @ a
 
     def apply(self, key, x, base):
         a, b = self.factors(key)

@@ -93,10 +93,6 @@ class LoRETTAAdp(Adapter):
         return cls(config, tensors, spec)
 
     @property
-    def targets(self):
-        return self._targets
-
-    @property
     def rank(self) -> int:
         return int(self.config["bottleneck_size"])
 

@@ -11,9 +11,8 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 
-from ..base import Adapter, key_name, parse_key_name
+from ..base import LowRankAdapter, key_name, parse_key_name
 from ..errors import AdapterMismatchError, where
 from ..tt import check_cores, random_cores, tt_matrix
 
@@ -40,7 +39,7 @@ def collect_cores(tensors: dict, parts: tuple[str, ...], source) -> dict:
     return result
 
 
-class LoRETTARep(Adapter):
+class LoRETTARep(LowRankAdapter):
     family = "loretta_rep"
 
     def __init__(self, config: dict, tensors: dict, spec=None, source=None):
@@ -84,10 +83,6 @@ class LoRETTARep(Adapter):
         return cls(config, tensors, spec)
 
     @property
-    def targets(self):
-        return self._targets
-
-    @property
     def rank(self) -> int:
         return int(self.config["r"])
 
@@ -106,14 +101,6 @@ class LoRETTARep(Adapter):
     def lora_factors(self, key):
         w_a, w_b = self.matrices(key)
         return w_a.t(), w_b.t() * (self.config["lora_alpha"] / self.rank)
-
-    def delta(self, key, base_weight=None):
-        a, b = self.lora_factors(key)
-        return b @ a
-
-    def apply(self, key, x, base):
-        a, b = self.lora_factors(key)
-        return base(x) + F.linear(F.linear(x.to(a.dtype), a), b).to(x.dtype)
 
     def _validate(self, spec):
         for key in self.targets:

@@ -23,9 +23,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ..base import Adapter
+from ..base import LowRankAdapter
 from ..errors import AdapterMismatchError, where
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -33,7 +32,7 @@ ORIENTATIONS = ("heads_in", "heads_out")
 NAMES = ("lora_A", "lora_B", "lora_C_l", "lora_C_h", "lora_C_m")
 
 
-class LoRTA(Adapter):
+class LoRTA(LowRankAdapter):
     family = "lorta"
 
     def __init__(self, config: dict, tensors: dict, spec=None, source=None):
@@ -116,14 +115,6 @@ class LoRTA(Adapter):
 
     def lora_factors(self, key):
         return self.shared_shrink(), self.expand(key)
-
-    def delta(self, key, base_weight=None):
-        a, b = self.lora_factors(key)
-        return b @ a
-
-    def apply(self, key, x, base):
-        a, b = self.lora_factors(key)
-        return base(x) + F.linear(F.linear(x.to(a.dtype), a), b).to(x.dtype)
 
     def _validate(self, spec):
         if spec.num_heads * spec.head_dim != spec.hidden_size:

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..base import Adapter, key_name, parse_key_name
+from ..base import Adapter, LowRankAdapter, key_name, parse_key_name
 from ..errors import AdapterMismatchError, where
 
 VARIANTS = ("default", "mini")
@@ -46,10 +46,6 @@ class PerModuleBlocks(Adapter):
         self._targets = sorted(keys)
 
     @property
-    def targets(self):
-        return self._targets
-
-    @property
     def rank(self) -> int:
         return int(self.config["r"])
 
@@ -57,7 +53,7 @@ class PerModuleBlocks(Adapter):
         return self.tensor(f"{key_name(key)}.miss_block")
 
 
-class MiSS(PerModuleBlocks):
+class MiSS(PerModuleBlocks, LowRankAdapter):
     family = "miss"
 
     def __init__(self, config, tensors, spec=None, source=None):
@@ -95,10 +91,6 @@ class MiSS(PerModuleBlocks):
         fan_in, fan_out = self.require_spec("the LoRA form").module_shape(key[1])
         d = self.expand_matrix(key, fan_out)
         return block_sum_matrix(self.rank, fan_in, d.dtype, d.device), d.t()
-
-    def delta(self, key, base_weight=None):
-        a, b = self.lora_factors(key)
-        return b @ a
 
     def apply(self, key, x, base):
         y = base(x)
