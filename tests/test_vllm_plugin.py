@@ -156,3 +156,26 @@ def test_prefix_cache_is_per_adapter_and_per_version(served, specs, tmp_path):
     save_adapter(replacement, tmp_path / "first")
     [(tokens, _)] = generate(served["llm"], [prompt], [LoRARequest("first", 3000, str(tmp_path / "first"))])
     assert tokens == greedy_reference(served["model"], prompt, NEW_TOKENS, replacement)[0], "reloaded adapter"
+
+
+def test_official_layouts_are_served(served, specs, tmp_path):
+    """Checkpoints in their producers' own layouts (LoRTA fork, pickled LoRETTA rep, legacy Bone) work as vLLM LoRA
+    paths without conversion on disk."""
+    import official_layouts as layouts
+    from vllm.lora.request import LoRARequest
+
+    spec = specs[served["name"]]
+    adapters = {"fork": make("lorta_heads_in", spec, seed=71), "rep": make("loretta_rep", spec, seed=72),
+                "bone": make("miss", spec, seed=73)}
+    for adapter in adapters.values():
+        adapter.validate(spec)
+    layouts.lorta_fork(adapters["fork"], tmp_path / "fork")
+    layouts.loretta_rep(adapters["rep"], tmp_path / "rep")
+    layouts.bone_legacy(adapters["bone"], tmp_path / "bone")
+    before = {p.name: sorted(q.name for q in p.iterdir()) for p in tmp_path.iterdir()}
+    cases = ["fork", None, "rep", "bone"]
+    prompts = random_prompts(len(cases), seed=12)
+    requests = [LoRARequest(c, 4000 + i, str(tmp_path / c)) if c else None for i, c in enumerate(cases)]
+    outputs = generate(served["llm"], prompts, requests)
+    check_against_reference({**served, "adapters": adapters}, prompts, cases, outputs)
+    assert {p.name: sorted(q.name for q in p.iterdir()) for p in tmp_path.iterdir()} == before, "nothing written"

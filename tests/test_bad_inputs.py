@@ -1,0 +1,191 @@
+"""Bad checkpoints fail closed: each gets a specific error type and a message naming file, key, expected, found."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import official_layouts as layouts
+from adapter_cases import make
+from tenfold.adapters import (AdapterFormatError, AdapterKeyError, AdapterMismatchError, AdapterTooLargeError,
+                              AdapterValueError, ModelSpec, load_adapter, save_adapter)
+
+WIDER = ModelSpec(num_layers=3, hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, intermediate_size=1024)
+
+
+def peft_lora_dir(directory, tensors, **config):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **config}))
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def lora_pair(layer=0, module="q_proj", block="self_attn", fan_in=256, fan_out=256, r=4):
+    path = f"base_model.model.model.layers.{layer}.{block}.{module}"
+    return {f"{path}.lora_A.weight": torch.randn(r, fan_in), f"{path}.lora_B.weight": torch.randn(fan_out, r)}
+
+
+def all_layers(**kwargs):
+    tensors = {}
+    for layer in range(3):
+        tensors.update(lora_pair(layer=layer, **kwargs))
+    return tensors
+
+
+@pytest.fixture
+def saved_lora(specs, tmp_path):
+    adapter = make("lora", specs["mha"], seed=91)
+    adapter.validate(specs["mha"])
+    return save_adapter(adapter, tmp_path / "good")
+
+
+def test_truncated_safetensors(saved_lora, specs):
+    path = saved_lora / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(AdapterFormatError, match=r"adapter_model\.safetensors: corrupt or truncated"):
+        load_adapter(saved_lora, specs["mha"])
+
+
+def test_invalid_json(saved_lora, specs):
+    (saved_lora / "adapter_config.json").write_text('{"format": "tenfold",')
+    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json: not valid JSON"):
+        load_adapter(saved_lora, specs["mha"])
+
+
+def test_missing_weights_and_missing_directory(saved_lora, specs, tmp_path):
+    (saved_lora / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterFormatError, match="no tensor file: expected adapter_model.safetensors"):
+        load_adapter(saved_lora, specs["mha"])
+    with pytest.raises(AdapterFormatError, match="not a directory"):
+        load_adapter(tmp_path / "absent", specs["mha"])
+
+
+def test_wrong_shapes_for_the_base_model(saved_lora):
+    with pytest.raises(AdapterMismatchError, match=r"key 'layers\.0\.down_proj\.lora_A': expected shape \[8, 1024\] "
+                                                    r"for this base model, found \[8, 512\]"):
+        load_adapter(saved_lora, WIDER)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (float("nan"), AdapterValueError, "NaN/Inf values"),
+    (float("inf"), AdapterValueError, "NaN/Inf values"),
+])
+def test_non_finite_factors(bad, error, message, specs, tmp_path):
+    adapter = make("lorta_heads_out", specs["mha"], seed=92)
+    adapter.tensor("lora_C_h").data[1, 2] = bad
+    save_adapter(adapter, tmp_path / "x")
+    with pytest.raises(error, match=rf"key 'lora_C_h': 1 {message}"):
+        load_adapter(tmp_path / "x", specs["mha"])
+
+
+def test_integer_tensor(specs, tmp_path):
+    tensors = all_layers()
+    tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"] = torch.ones(4, 256, dtype=torch.int32)
+    peft_lora_dir(tmp_path / "int", tensors)
+    with pytest.raises(AdapterValueError, match=r"key 'layers\.1\.q_proj\.lora_A': expected a floating-point tensor, "
+                                                r"found dtype torch\.int32"):
+        load_adapter(tmp_path / "int", specs["mha"])
+
+
+def test_unknown_peft_type(tmp_path, specs):
+    peft_lora_dir(tmp_path / "ia3", all_layers(), peft_type="IA3")
+    with pytest.raises(AdapterFormatError, match=r"unknown adapter type 'IA3'.*LORA, LORTA, MISS, BONE, BOTTLENECK"):
+        load_adapter(tmp_path / "ia3", specs["mha"])
+
+
+def test_keys_naming_modules_the_model_lacks(tmp_path, specs):
+    peft_lora_dir(tmp_path / "qkv", all_layers(module="qkv_proj"), target_modules=["qkv_proj"])
+    with pytest.raises(AdapterKeyError, match=r"layers\.0\.qkv_proj match no module of the base model: expected one "
+                                              r"of q_proj"):
+        load_adapter(tmp_path / "qkv", specs["mha"])
+
+
+def test_keys_not_of_the_per_layer_form(tmp_path, specs):
+    tensors = all_layers()
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.randn(4, 256)
+    peft_lora_dir(tmp_path / "head", tensors)
+    with pytest.raises(AdapterKeyError, match=r"1 tensor key\(s\) match no per-layer module.*lm_head"):
+        load_adapter(tmp_path / "head", specs["mha"])
+
+
+def test_partial_checkpoint(tmp_path, specs):
+    tensors = all_layers() | all_layers(module="v_proj")
+    del tensors["base_model.model.model.layers.2.self_attn.v_proj.lora_A.weight"]
+    del tensors["base_model.model.model.layers.2.self_attn.v_proj.lora_B.weight"]
+    peft_lora_dir(tmp_path / "partial", tensors, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(AdapterKeyError, match=r"only part of the targeted modules: missing \['layers\.2\.v_proj'\]"):
+        load_adapter(tmp_path / "partial", specs["mha"])
+
+
+def test_layer_beyond_the_model(tmp_path, specs):
+    tensors = all_layers() | lora_pair(layer=7)
+    peft_lora_dir(tmp_path / "deep", tensors)
+    with pytest.raises(AdapterMismatchError, match="layer 7 does not exist: the base model has 3 layers"):
+        load_adapter(tmp_path / "deep", specs["mha"])
+
+
+def test_bat_rank_must_divide_the_widths(tmp_path, specs):
+    adapter = make("bat", specs["mha"], seed=93)
+    save_adapter(adapter, tmp_path / "bat")
+    config = json.loads((tmp_path / "bat" / "adapter_config.json").read_text())
+    config["config"]["r"] = 24
+    (tmp_path / "bat" / "adapter_config.json").write_text(json.dumps(config))
+    message = r"key .layers\.0\.down_proj\.miss_block.: Bat needs r to divide both widths of down_proj: r=24, in=512"
+    with pytest.raises(AdapterMismatchError, match=message):
+        load_adapter(tmp_path / "bat", specs["mha"])
+
+
+def test_lorta_unknown_orientation(tmp_path, specs):
+    layouts.lorta_fork(make("lorta_heads_in", specs["mha"]), tmp_path / "fork")
+    config = json.loads((tmp_path / "fork" / "adapter_config.json").read_text())
+    config["orientation"] = "sideways"
+    (tmp_path / "fork" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match=r"key 'orientation': expected one of .*found 'sideways'"):
+        load_adapter(tmp_path / "fork", specs["mha"])
+
+
+def test_lorta_on_a_model_with_other_head_count(tmp_path, specs):
+    layouts.lorta_fork(make("lorta_heads_in", specs["mha"]), tmp_path / "fork")
+    with pytest.raises(AdapterMismatchError, match=r"key 'lora_A': expected shape \[512, 8\]"):
+        load_adapter(tmp_path / "fork", WIDER)
+
+
+def test_size_limit(saved_lora, specs, monkeypatch):
+    with pytest.raises(AdapterTooLargeError, match=r"over the adapter size limit of 100 bytes"):
+        load_adapter(saved_lora, specs["mha"], max_bytes=100)
+    monkeypatch.setenv("TENFOLD_MAX_ADAPTER_BYTES", "1000")
+    with pytest.raises(AdapterTooLargeError, match="TENFOLD_MAX_ADAPTER_BYTES"):
+        load_adapter(saved_lora, specs["mha"])
+
+
+class NotATensor:
+    pass
+
+
+def test_pickle_with_arbitrary_objects_is_refused(tmp_path, specs):
+    directory = tmp_path / "evil"
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                               "tensor_rank": 5, "target_modules": ["q_proj"]}))
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.layer.tensor.factors.0": NotATensor()},
+               directory / "adapter_model.bin")
+    with pytest.raises(AdapterFormatError, match="cannot be read as a weights-only torch pickle"):
+        load_adapter(directory, specs["mha"])
+
+
+def test_tenfold_tensors_disagreeing_with_the_config(saved_lora, specs):
+    config = json.loads((saved_lora / "adapter_config.json").read_text())
+    config["tensors"]["layers.0.q_proj.lora_A"]["shape"] = [8, 999]
+    (saved_lora / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match=r"declares shape \[8, 999\], the file holds \[8, 256\]"):
+        load_adapter(saved_lora, specs["mha"])
+
+
+def test_dora_and_bias_are_refused(tmp_path, specs):
+    peft_lora_dir(tmp_path / "dora", all_layers(), use_dora=True)
+    with pytest.raises(AdapterFormatError, match="DoRA adapters are not supported"):
+        load_adapter(tmp_path / "dora", specs["mha"])
