@@ -30,6 +30,8 @@ class ConvertedAdapter:
     peft_config: dict  # what vLLM's PEFTHelper reads (scaling folded in: lora_alpha == r)
     tensors: dict[str, torch.Tensor]  # PEFT-named lora_A / lora_B weights
     fingerprint: str
+    params: int  # the adapter's own parameters (its compact factors)
+    nbytes: int  # bytes of the adapter's own factors
 
 
 def fingerprint(path) -> str:
@@ -67,12 +69,12 @@ def convert_for_vllm(path, spec: ModelSpec, max_rank: int | None = None) -> Conv
     if not adapter.has_exact_lora:
         raise NoExactLoRAError(
             f"{directory}: {adapter.family} adapters have no exact LoRA form, so vLLM's LoRA path (tenfold's "
-            f"compatibility mode) cannot serve them; tenfold's native path serves them (TENFOLD_MODE=native)")
+            f"compatibility mode) cannot serve them; they are served by tenfold's native path (native mode)")
     with torch.no_grad():
         factors = {k: adapter.lora_factors(k) for k in adapter.targets}
         rank, tensors = peft_lora_tensors({k: (a.float(), b.float()) for k, (a, b) in factors.items()})
     converted = ConvertedAdapter(adapter.family, rank, peft_lora_config(rank, adapter.target_modules()), tensors,
-                                 key[1])
+                                 key[1], adapter.num_params(), adapter.nbytes())
     _check_rank(converted, directory, max_rank)
     with _lock:
         _cache[key] = converted

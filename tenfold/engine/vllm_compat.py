@@ -5,13 +5,16 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
    served model and converts it to LoRA tensors in memory (exactly-low-rank families only).
 2. Front-end validation: `InputProcessor._validate_lora` runs the same load before a request is queued, so a bad or
    missing adapter fails that request with a clear error instead of crashing the engine core mid-step; the
-   OpenAI server's `/v1/load_lora_adapter` check does too, answering 400 (unusable adapter) or 404 (no such path)
+   OpenAI server's `/v1/load_lora_adapter` check does too, answering 400 (unusable adapter), 413 (over the size
+   limit) or 404 (no such path)
    instead of a 500 from the worker.
 3. CPU LoRA ops: vLLM 0.32's torch ops gather slot index -1 ("no adapter") as the last slot, which applies an
    adapter to base-model rows batched with adapter rows; the patched ops zero those rows.
 4. Prefix caching: block hashes of adapter requests also carry the adapter files' fingerprint, so a reloaded
    adapter never reuses KV computed with its previous weights.
 5. Worker cache: an adapter whose files changed since the worker loaded it is reloaded in place.
+6. Unloading: `/v1/unload_lora_adapter` also removes the adapter from the workers' slots and host cache (vLLM 0.32
+   only forgets the name).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def apply() -> None:
     _patch_worker_loading()
     _patch_request_validation()
     _patch_load_endpoint()
+    _patch_unload_endpoint()
     _patch_cpu_lora_ops()
     _patch_prefix_cache_keys()
     _applied = True
@@ -156,7 +160,7 @@ def _patch_load_endpoint() -> None:
     from vllm.exceptions import LoRAAdapterNotFoundError
     from vllm.lora.request import LoRARequest
 
-    from ..adapters import AdapterError
+    from ..adapters import AdapterError, AdapterTooLargeError
 
     original = OpenAIServingModels._check_load_lora_adapter_request
 
@@ -168,12 +172,32 @@ def _patch_load_endpoint() -> None:
             self.input_processor._tenfold_check_adapter(LoRARequest(request.lora_name, 1, request.lora_path))
         except FileNotFoundError:
             return create_error_response(LoRAAdapterNotFoundError(request.lora_name, request.lora_path))
+        except AdapterTooLargeError as e:
+            return create_error_response(message=f"adapter {request.lora_name!r} cannot be served: {e}",
+                                         err_type="RequestEntityTooLarge",
+                                         status_code=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         except AdapterError as e:
             return create_error_response(message=f"adapter {request.lora_name!r} cannot be served: {e}",
                                          err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
         return None
 
     OpenAIServingModels._check_load_lora_adapter_request = _check_load_lora_adapter_request
+
+
+# --- 6: real unload --------------------------------------------------------------------------------------------------
+def _patch_unload_endpoint() -> None:
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    original = OpenAIServingModels.unload_lora_adapter
+
+    async def unload_lora_adapter(self, request):
+        known = self.lora_requests.get(request.lora_name)
+        result = await original(self, request)
+        if known is not None and request.lora_name not in self.lora_requests:
+            await self.engine_client.remove_lora(known.lora_int_id)  # frees the worker slot and host cache
+        return result
+
+    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
 
 
 # --- 3: CPU LoRA ops -----------------------------------------------------------------------------------------------

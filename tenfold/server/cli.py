@@ -46,6 +46,12 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_serve(args, passthrough) -> int:
+    from .serve import run
+
+    return run(args, passthrough)
+
+
 def _adapter_arguments(parser) -> None:
     parser.add_argument("path", help="adapter directory (any supported format)")
     parser.add_argument("--base", help="base model directory (HuggingFace layout) to validate and size against")
@@ -67,13 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("out", help="output directory (must not exist or be empty)")
     convert.add_argument("--to", choices=["lora"], required=True, help="target format")
     convert.set_defaults(run=cmd_convert)
+
+    from .serve import add_arguments
+
+    serve = commands.add_parser("serve", help="serve a base model and its adapters (OpenAI-compatible HTTP)",
+                                description="Arguments not listed here are passed to vLLM's engine and server.")
+    add_arguments(serve)
+    serve.set_defaults(run=cmd_serve, passthrough=True)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.run(args)
+        return args.run(args, rest) if getattr(args, "passthrough", False) else args.run(args)
     except (AdapterError, FileNotFoundError, FileExistsError, OSError) as e:
         print(f"tenfold: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,109 @@
+"""`tenfold serve`: one process serving vLLM's OpenAI-compatible HTTP API with the tenfold plugin active, plus
+tenfold's adapter admin routes. Unrecognised arguments go to vLLM's own engine/server parser."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+from ..engine.resolver import ROOT_ENV, InvalidAdapterName, adapter_path
+from .admin import ServeSettings, install
+
+# engine defaults for multi-adapter serving (vLLM's own default is one LoRA slot); explicit flags win
+ENGINE_DEFAULTS = {"--max-loras": "16", "--max-lora-rank": "64", "--max-cpu-loras": "64"}
+MODES = ("convert", "native")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="base model: a HuggingFace directory (or hub id when online)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                        help="serve an adapter from start-up (repeatable); PATH may be outside --adapter-root")
+    parser.add_argument("--adapter-root", type=Path, help="directory whose sub-directories load by name on first use")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", help="required (Authorization: Bearer) for admin routes")
+    parser.add_argument("--protect-all", action="store_true", help="require --api-key for every /v1 route")
+    parser.add_argument("--mode", choices=MODES, default=os.environ.get("TENFOLD_MODE", "convert"),
+                        help="execution path; 'native' arrives with tenfold's native kernels")
+
+
+def static_adapters(specs: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"tenfold serve: --adapter expects NAME=PATH, got {spec!r}")
+        try:
+            adapter_path(Path("/"), name)  # name rules only
+        except InvalidAdapterName as e:
+            raise SystemExit(f"tenfold serve: {e}") from None
+        if not Path(path).is_dir():
+            raise SystemExit(f"tenfold serve: adapter {name!r}: {path} is not a directory")
+        pairs.append((name, str(Path(path).resolve())))
+    return pairs
+
+
+def vllm_argv(args, passthrough: list[str]) -> list[str]:
+    argv = ["--model", args.model, "--host", args.host, "--port", str(args.port), "--enable-lora"]
+    for flag, value in ENGINE_DEFAULTS.items():
+        if not any(a == flag or a.startswith(flag + "=") for a in passthrough):
+            argv += [flag, value]
+    adapters = static_adapters(args.adapter)
+    if adapters:
+        argv += ["--lora-modules", *[f"{n}={p}" for n, p in adapters]]
+    if args.api_key and args.protect_all:
+        argv += ["--api-key", args.api_key]
+    return argv + passthrough
+
+
+def run(args, passthrough: list[str]) -> int:
+    if args.mode == "native":
+        raise SystemExit("tenfold serve: --mode native is not available yet (it arrives with tenfold's native "
+                         "factorized kernels); use --mode convert")
+    if args.adapter_root is not None:
+        if not args.adapter_root.is_dir():
+            raise SystemExit(f"tenfold serve: --adapter-root {args.adapter_root} is not a directory")
+        os.environ[ROOT_ENV] = str(args.adapter_root.resolve())
+    os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # load/unload at runtime, resolver on first use
+    os.environ["TENFOLD_MODE"] = args.mode
+
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from ..engine.plugin import register
+
+    register()
+    vllm_args = make_arg_parser(FlexibleArgumentParser(prog="tenfold serve")).parse_args(vllm_argv(args, passthrough))
+    validate_parsed_serve_args(vllm_args)
+    settings = ServeSettings(api_key=args.api_key, protect_all=args.protect_all,
+                             adapter_root=args.adapter_root.resolve() if args.adapter_root else None)
+    import uvloop
+
+    uvloop.run(_serve(vllm_args, settings))
+    return 0
+
+
+async def _serve(vllm_args, settings: ServeSettings) -> None:
+    from vllm import envs
+    from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+    from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.launcher import serve_http, setup_server
+
+    listen_address, sock = setup_server(vllm_args, reuse_port=False)
+    async with build_async_engine_client(vllm_args) as engine_client:
+        tasks = await engine_client.get_supported_tasks()
+        app = build_app(vllm_args, tasks, engine_client.model_config)
+        await init_app_state(engine_client, app.state, vllm_args, tasks)
+        install(app, settings)
+        shutdown = await serve_http(app, sock=sock, host=vllm_args.host, port=vllm_args.port,
+                                    log_level=vllm_args.uvicorn_log_level,
+                                    access_log=not vllm_args.disable_uvicorn_access_log,
+                                    timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE)
+    try:
+        await shutdown
+    finally:
+        sock.close()
+        await asyncio.sleep(0)
