@@ -1,15 +1,18 @@
-"""`tenfold serve`: one process serving vLLM's OpenAI-compatible HTTP API with the tenfold plugin active, plus
-tenfold's adapter admin routes. Unrecognised arguments go to vLLM's own engine/server parser."""
+"""`tenfold serve`: one process serving vLLM's OpenAI-compatible HTTP API with the tenfold plugin active,
+tenfold's adapter admin routes and the gRPC API, all on one engine. Unrecognised arguments go to vLLM's own
+engine/server parser. SIGTERM stops HTTP (uvicorn drains its requests), then gRPC with a grace period."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from pathlib import Path
 
 from ..engine.resolver import ROOT_ENV, InvalidAdapterName, adapter_path
-from .admin import ServeSettings, install
+from .adapter_admin import AdapterAdmin, ServeSettings
+from .admin import install
+
+GRPC_GRACE_SECONDS = 10
 
 # engine defaults for multi-adapter serving (vLLM's own default is one LoRA slot); explicit flags win
 ENGINE_DEFAULTS = {"--max-loras": "16", "--max-lora-rank": "64", "--max-cpu-loras": "64"}
@@ -23,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-root", type=Path, help="directory whose sub-directories load by name on first use")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port on --host (0: no gRPC server)")
     parser.add_argument("--api-key", help="required (Authorization: Bearer) for admin routes")
     parser.add_argument("--protect-all", action="store_true", help="require --api-key for every /v1 route")
     parser.add_argument("--mode", choices=MODES, default=os.environ.get("TENFOLD_MODE", "convert"),
@@ -81,11 +85,11 @@ def run(args, passthrough: list[str]) -> int:
                              adapter_root=args.adapter_root.resolve() if args.adapter_root else None)
     import uvloop
 
-    uvloop.run(_serve(vllm_args, settings))
+    uvloop.run(_serve(vllm_args, settings, args.grpc_port))
     return 0
 
 
-async def _serve(vllm_args, settings: ServeSettings) -> None:
+async def _serve(vllm_args, settings: ServeSettings, grpc_port: int) -> None:
     from vllm import envs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
@@ -97,13 +101,20 @@ async def _serve(vllm_args, settings: ServeSettings) -> None:
         tasks = await engine_client.get_supported_tasks()
         app = build_app(vllm_args, tasks, engine_client.model_config)
         await init_app_state(engine_client, app.state, vllm_args, tasks)
-        install(app, settings)
+        admin = AdapterAdmin(app.state, settings)
+        install(app, admin)
+        grpc_server = None
+        if grpc_port:
+            from .grpc.servicer import start
+
+            grpc_server = await start(admin, vllm_args.host, grpc_port)
         shutdown = await serve_http(app, sock=sock, host=vllm_args.host, port=vllm_args.port,
                                     log_level=vllm_args.uvicorn_log_level,
                                     access_log=not vllm_args.disable_uvicorn_access_log,
                                     timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE)
-    try:
-        await shutdown
-    finally:
-        sock.close()
-        await asyncio.sleep(0)
+        try:
+            await shutdown
+        finally:
+            sock.close()
+            if grpc_server is not None:
+                await grpc_server.stop(GRPC_GRACE_SECONDS)

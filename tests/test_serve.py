@@ -1,5 +1,6 @@
-"""`tenfold serve` over HTTP: the official openai client against a real server subprocess, adapter admin with
-precise status codes, API-key protection, adapter facts in /v1/models."""
+"""`tenfold serve` against a real server subprocess: the official openai client over HTTP, a grpcio client over
+gRPC (unary, streaming, cancel, admin, health), adapter admin with precise status codes, API-key protection,
+adapter facts in /v1/models."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ openai = pytest.importorskip("openai", reason="the server tests use the official
 import httpx  # noqa: E402
 
 from adapter_cases import make  # noqa: E402
-from serve_process import tenfold_server  # noqa: E402
+from serve_process import free_port, tenfold_server  # noqa: E402
 from tenfold.adapters import save_adapter  # noqa: E402
 from vllm_reference import greedy_reference, random_prompts  # noqa: E402
 
@@ -33,12 +34,13 @@ def server(tiny_model_dirs, specs, tmp_path_factory):
     big = make("lora", spec, seed=205, r=32)
     save_adapter(big, root / "huge")
     log = tmp_path_factory.mktemp("log") / "serve.log"
+    grpc_port = free_port()
     # a size limit between the small adapters (< 0.5 MB) and the rank-32 LoRA on all modules (1.7 MB)
     with tenfold_server(tiny_model_dirs["mha"], log, "--adapter", f"support={static / 'support'}",
-                        "--adapter-root", root, "--api-key", KEY,
+                        "--adapter-root", root, "--api-key", KEY, "--grpc-port", grpc_port,
                         env={"TENFOLD_MAX_ADAPTER_BYTES": "1000000"}) as running:
         client = openai.OpenAI(base_url=f"{running['url']}/v1", api_key="unused", max_retries=0, timeout=120)
-        yield {**running, "client": client, "adapters": adapters, "root": root}
+        yield {**running, "client": client, "adapters": adapters, "root": root, "grpc": f"127.0.0.1:{grpc_port}"}
 
 
 def completion_tokens(client, model, prompt, n=16):
@@ -122,3 +124,100 @@ def test_load_use_unload_cycle(server, hf_models):
     assert httpx.delete(f"{url}/late", headers=ADMIN).status_code == 200
     assert httpx.delete(f"{url}/late", headers=ADMIN).status_code == 404
     assert "late" not in {a["name"] for a in httpx.get(url, headers=ADMIN).json()["adapters"]}
+
+
+# --- gRPC ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stub(server):
+    import grpc
+
+    from tenfold.server.grpc import load_protos
+
+    pb, services = load_protos()
+    channel = grpc.insecure_channel(server["grpc"])
+    yield pb, services.TenfoldStub(channel), channel
+    channel.close()
+
+
+def test_grpc_generate_matches_reference(stub, hf_models, server):
+    pb, client, _ = stub
+    prompt = random_prompts(1, seed=230)[0]
+    request = pb.GenerateRequest(adapter="support", token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParameters(max_tokens=16, temperature=0.0, ignore_eos=True))
+    reply = client.Generate(request, timeout=120)
+    assert list(reply.token_ids) == greedy_reference(hf_models["mha"], prompt, 16, server["adapters"]["support"])[0]
+    assert reply.finish_reason == "length" and reply.usage.prompt_tokens == len(prompt)
+    assert reply.usage.completion_tokens == 16
+
+
+def test_grpc_stream_equals_unary(stub):
+    pb, client, _ = stub
+    request = pb.GenerateRequest(adapter="legal", text="The river runs",
+                                 sampling=pb.SamplingParameters(max_tokens=10, temperature=0.0, ignore_eos=True))
+    chunks = list(client.GenerateStream(request, timeout=120))
+    assert len(chunks) >= 2 and chunks[-1].finish_reason == "length"
+    whole = client.Generate(request, timeout=120)
+    assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids)
+    assert "".join(c.text for c in chunks) == whole.text
+
+
+def test_grpc_cancel_aborts_the_request(stub, server):
+    pb, client, _ = stub
+    request = pb.GenerateRequest(text="Hello", sampling=pb.SamplingParameters(max_tokens=200, ignore_eos=True))
+    call = client.GenerateStream(request, timeout=120)
+    next(call)
+    call.cancel()
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call:
+            pass
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    # the engine is free again: a short request still completes
+    reply = client.Generate(pb.GenerateRequest(text="Hi", sampling=pb.SamplingParameters(max_tokens=3)), timeout=120)
+    assert reply.usage.completion_tokens == 3
+
+
+def test_grpc_admin_and_errors(stub):
+    import grpc
+
+    pb, client, _ = stub
+    auth = (("authorization", f"Bearer {KEY}"),)
+    with pytest.raises(grpc.RpcError) as info:
+        client.LoadAdapter(pb.LoadAdapterRequest(name="late"), timeout=120)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    loaded = client.LoadAdapter(pb.LoadAdapterRequest(name="late"), metadata=auth, timeout=120)
+    assert loaded.family == "loretta_rep" and loaded.rank == 8
+    assert "late" in {a.name for a in client.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters}
+    codes = {"../x": grpc.StatusCode.INVALID_ARGUMENT, "absent": grpc.StatusCode.NOT_FOUND,
+             "late": grpc.StatusCode.ALREADY_EXISTS, "huge": grpc.StatusCode.RESOURCE_EXHAUSTED,
+             "blocky": grpc.StatusCode.INVALID_ARGUMENT}
+    for name, code in codes.items():
+        with pytest.raises(grpc.RpcError) as info:
+            client.LoadAdapter(pb.LoadAdapterRequest(name=name), metadata=auth, timeout=120)
+        assert info.value.code() == code, (name, info.value.details())
+    client.UnloadAdapter(pb.UnloadAdapterRequest(name="late"), metadata=auth, timeout=60)
+    with pytest.raises(grpc.RpcError) as info:
+        client.UnloadAdapter(pb.UnloadAdapterRequest(name="late"), metadata=auth, timeout=60)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        client.Generate(pb.GenerateRequest(adapter="no-such", text="x"), timeout=60)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        client.Generate(pb.GenerateRequest(adapter="support"), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_grpc_health_and_reflection(stub):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    _, _, channel = stub
+    health = health_pb2_grpc.HealthStub(channel)
+    status = health.Check(health_pb2.HealthCheckRequest(service="tenfold.v1.Tenfold"), timeout=30).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    [response] = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                  timeout=30))
+    names = {s.name for s in response.list_services_response.service}
+    assert {"tenfold.v1.Tenfold", "grpc.health.v1.Health"} <= names

@@ -1,0 +1,100 @@
+"""Adapter administration shared by the HTTP and gRPC front ends: list, load (name/path rules), unload, and the
+name -> LoRARequest lookup generation needs. Errors carry an HTTP status; gRPC maps it to its own codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+
+from ..engine.resolver import InvalidAdapterName, adapter_path
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    api_key: str | None
+    protect_all: bool
+    adapter_root: Path | None
+
+
+class AdminError(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def resolve_runtime_path(settings: ServeSettings, name: str, path: str | None) -> Path:
+    """Runtime loads stay inside --adapter-root: by name, or by a path that resolves inside it."""
+    try:
+        if path is None or path == "":
+            if settings.adapter_root is None:
+                raise AdminError(HTTPStatus.BAD_REQUEST, "runtime loads by name need --adapter-root")
+            return adapter_path(settings.adapter_root, name)
+        adapter_path(Path("/"), name)  # the name rules apply to explicit paths too
+    except InvalidAdapterName as e:
+        raise AdminError(HTTPStatus.BAD_REQUEST, str(e)) from None
+    if settings.adapter_root is None:
+        raise AdminError(HTTPStatus.BAD_REQUEST, "runtime loads need --adapter-root (paths given at start-up with "
+                                                 "--adapter are fixed)")
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(settings.adapter_root.resolve()):
+        raise AdminError(HTTPStatus.BAD_REQUEST, f"path {path!r} is outside the adapter root")
+    return resolved
+
+
+class AdapterAdmin:
+    def __init__(self, app_state, settings: ServeSettings):
+        self.state = app_state
+        self.settings = settings
+
+    @property
+    def models(self):
+        return self.state.openai_serving_models
+
+    async def describe(self, lora) -> dict:
+        from ..engine.loader import convert_for_vllm
+        from ..engine.vllm_compat import served_spec
+
+        resident = await self.state.engine_client.list_loras()
+        facts = {"name": lora.lora_name, "path": lora.lora_path,
+                 "residency": "worker" if lora.lora_int_id in resident else "registered"}
+        try:
+            converted = convert_for_vllm(lora.lora_path, served_spec(self.state.vllm_config))
+            facts.update(family=converted.family, rank=converted.rank, params=converted.params, bytes=converted.nbytes)
+        except Exception as e:  # a listing never fails because one adapter went bad on disk
+            facts["error"] = str(e)
+        return facts
+
+    async def list(self) -> list[dict]:
+        return [await self.describe(lora) for lora in list(self.models.lora_requests.values())]
+
+    async def load(self, name: str, path: str | None = None) -> dict:
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        resolved = resolve_runtime_path(self.settings, name, path)
+        if name in self.models.lora_requests:
+            raise AdminError(HTTPStatus.CONFLICT, f"adapter {name!r} is already loaded; unload it first")
+        result = await self.models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=str(resolved)))
+        if not isinstance(result, str):
+            raise AdminError(HTTPStatus(result.error.code), result.error.message)
+        return await self.describe(self.models.lora_requests[name])
+
+    async def unload(self, name: str) -> None:
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        if name not in self.models.lora_requests:
+            raise AdminError(HTTPStatus.NOT_FOUND, f"adapter {name!r} is not loaded")
+        result = await self.models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+        if not isinstance(result, str):
+            raise AdminError(HTTPStatus(result.error.code), result.error.message)
+
+    async def lora_request(self, name: str):
+        """None for the base model; loads by name from the adapter root on first use (like the HTTP API)."""
+        if not name or self.models.is_base_model(name):
+            return None
+        if name in self.models.lora_requests:
+            return self.models.lora_requests[name]
+        result = await self.models.resolve_lora(name)
+        if not hasattr(result, "lora_int_id"):
+            raise AdminError(HTTPStatus(result.error.code), result.error.message)
+        return result
