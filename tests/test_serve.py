@@ -221,3 +221,59 @@ def test_grpc_health_and_reflection(stub):
                                                   timeout=30))
     names = {s.name for s in response.list_services_response.service}
     assert {"tenfold.v1.Tenfold", "grpc.health.v1.Health"} <= names
+
+
+# --- metrics -------------------------------------------------------------------------------------------------------
+def scrape(server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server['url']}/metrics", timeout=30).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_the_traffic(server):
+    labels = {"adapter": "support", "family": "lorta"}
+    before = scrape(server)
+    prompts = random_prompts(3, seed=240)
+    for prompt in prompts:
+        completion_tokens(server["client"], "support", prompt, n=7)
+    stream = server["client"].completions.create(model="support", prompt=prompts[0], max_tokens=5, temperature=0.0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+    assert len([c for c in stream]) >= 2
+    after = scrape(server)
+    assert value(after, "tenfold_adapter_requests_total", **labels) - value(
+        before, "tenfold_adapter_requests_total", **labels) == 4
+    assert value(after, "tenfold_adapter_prompt_tokens_total", **labels) - value(
+        before, "tenfold_adapter_prompt_tokens_total", **labels) == sum(map(len, prompts)) + len(prompts[0])
+    assert value(after, "tenfold_adapter_generation_tokens_total", **labels) - value(
+        before, "tenfold_adapter_generation_tokens_total", **labels) == 3 * 7 + 5
+    for histogram in ("tenfold_adapter_time_to_first_token_seconds", "tenfold_adapter_e2e_request_latency_seconds"):
+        assert value(after, f"{histogram}_count", **labels) - value(before, f"{histogram}_count", **labels) == 4
+    assert value(after, "tenfold_resident_adapters", tier="registered") >= 1
+    assert value(after, "tenfold_resident_adapter_bytes", tier="registered") > 0
+    assert any(name.startswith("vllm:") for name, _ in after), "vLLM's own metrics are still exported"
+
+
+def test_metrics_count_loads_and_unloads(server):
+    before = scrape(server)
+    url = f"{server['url']}/v1/adapters"
+    assert httpx.post(url, json={"name": "legal2", "path": str(server["root"] / "legal")}, headers=ADMIN,
+                      timeout=120).status_code == 200
+    resident_loaded = value(scrape(server), "tenfold_resident_adapters", tier="worker_cache")
+    assert httpx.delete(f"{url}/legal2", headers=ADMIN).status_code == 200
+    after = scrape(server)
+    assert value(after, "tenfold_adapter_loads_total", family="miss") - value(
+        before, "tenfold_adapter_loads_total", family="miss") == 1
+    assert value(after, "tenfold_adapter_load_seconds_count", family="miss") - value(
+        before, "tenfold_adapter_load_seconds_count", family="miss") == 1
+    assert value(after, "tenfold_adapter_unloads_total") - value(before, "tenfold_adapter_unloads_total") == 1
+    # the unload really left the workers' cache
+    assert value(after, "tenfold_resident_adapters", tier="worker_cache") == resident_loaded - 1

@@ -15,6 +15,8 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
 5. Worker cache: an adapter whose files changed since the worker loaded it is reloaded in place.
 6. Unloading: `/v1/unload_lora_adapter` also removes the adapter from the workers' slots and host cache (vLLM 0.32
    only forgets the name).
+7. Instrumentation (`instrument_engine_client`, called by `tenfold serve` on its own engine client): per-request and
+   per-load hooks for tenfold's metrics.
 """
 
 from __future__ import annotations
@@ -270,3 +272,47 @@ def _patch_prefix_cache_keys() -> None:
         return keys
 
     kv_cache_utils._gen_lora_extra_hash_keys = _gen_lora_extra_hash_keys
+
+
+# --- 7: instrumentation of one engine client ------------------------------------------------------------------------
+def instrument_engine_client(engine_client, on_request, on_load, on_unload) -> None:
+    """Wrap this client's generate/add_lora/remove_lora (instance attributes, nothing global) with callbacks:
+    on_request(lora_request, sampling_params) -> tracker with output(o)/failed()/done();
+    on_load(lora_request) -> tracker with done(ok); on_unload(lora_id)."""
+    import asyncio
+
+    generate, add_lora, remove_lora = engine_client.generate, engine_client.add_lora, engine_client.remove_lora
+
+    async def instrumented_generate(prompt, sampling_params, request_id, *args, lora_request=None, **kwargs):
+        tracker = on_request(lora_request, sampling_params)
+        try:
+            async for output in generate(prompt, sampling_params, request_id, *args, lora_request=lora_request,
+                                         **kwargs):
+                tracker.output(output)
+                yield output
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except BaseException:
+            tracker.failed()
+            raise
+        finally:
+            tracker.done()
+
+    async def instrumented_add_lora(lora_request):
+        tracker = on_load(lora_request)
+        try:
+            loaded = await add_lora(lora_request)
+        except BaseException:
+            tracker.done(False)
+            raise
+        tracker.done(True)
+        return loaded
+
+    async def instrumented_remove_lora(lora_id):
+        removed = await remove_lora(lora_id)
+        on_unload(lora_id)
+        return removed
+
+    engine_client.generate = instrumented_generate
+    engine_client.add_lora = instrumented_add_lora
+    engine_client.remove_lora = instrumented_remove_lora

@@ -31,7 +31,7 @@ def error(status: HTTPStatus, message: str) -> JSONResponse:
                         status_code=status.value)
 
 
-def install(app: FastAPI, admin: AdapterAdmin) -> None:
+def install(app: FastAPI, admin: AdapterAdmin, residency=None) -> None:
     settings: ServeSettings = admin.settings
     router = APIRouter()
 
@@ -70,6 +70,8 @@ def install(app: FastAPI, admin: AdapterAdmin) -> None:
 
     async def guard(request: Request, call_next):
         path = request.url.path
+        if path == "/metrics" and residency is not None:
+            await residency.refresh()
         if settings.api_key and path.startswith("/v1") and (path.startswith(ADMIN_PATHS) or settings.protect_all):
             supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not hmac.compare_digest(supplied.encode(), settings.api_key.encode()):

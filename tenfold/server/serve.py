@@ -98,11 +98,13 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int) -> None:
 
     listen_address, sock = setup_server(vllm_args, reuse_port=False)
     async with build_async_engine_client(vllm_args) as engine_client:
+        residency = _instrument(engine_client)
         tasks = await engine_client.get_supported_tasks()
         app = build_app(vllm_args, tasks, engine_client.model_config)
         await init_app_state(engine_client, app.state, vllm_args, tasks)
         admin = AdapterAdmin(app.state, settings)
-        install(app, admin)
+        residency.admin = admin
+        install(app, admin, residency)
         grpc_server = None
         if grpc_port:
             from .grpc.servicer import start
@@ -118,3 +120,21 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int) -> None:
             sock.close()
             if grpc_server is not None:
                 await grpc_server.stop(GRPC_GRACE_SECONDS)
+
+
+def _instrument(engine_client):
+    """Hook tenfold's metrics into this engine client; returns the residency tracker for /metrics scrapes."""
+    from vllm.sampling_params import RequestOutputKind
+
+    from ..engine.vllm_compat import instrument_engine_client, served_spec
+    from . import metrics
+
+    spec = served_spec(engine_client.vllm_config)
+    residency = metrics.ResidencyTracker(None, spec)
+    instrument_engine_client(
+        engine_client,
+        on_request=lambda lora, params: metrics.RequestTracker(lora, spec,
+                                                               params.output_kind == RequestOutputKind.DELTA),
+        on_load=lambda lora: metrics.LoadTracker(lora, spec),
+        on_unload=residency.note_unload)
+    return residency
