@@ -277,3 +277,68 @@ def test_metrics_count_loads_and_unloads(server):
     assert value(after, "tenfold_adapter_unloads_total") - value(before, "tenfold_adapter_unloads_total") == 1
     # the unload really left the workers' cache
     assert value(after, "tenfold_resident_adapters", tier="worker_cache") == resident_loaded - 1
+
+
+# --- hot loading under traffic, reloads, more bad inputs ---------------------------------------------------------------
+def test_hot_load_and_unload_during_traffic(server):
+    import threading
+
+    failures, done = [], []
+
+    def traffic(model):
+        client = openai.OpenAI(base_url=f"{server['url']}/v1", api_key="unused", max_retries=0, timeout=120)
+        for i in range(5):
+            try:
+                out = client.completions.create(model=model, prompt=f"The market sells {i}", max_tokens=12,
+                                                temperature=0.0, extra_body={"ignore_eos": True})
+                done.append(out.usage.completion_tokens)
+            except Exception as e:  # collected: the assertion below names them
+                failures.append(f"{model}: {e!r}")
+
+    threads = [threading.Thread(target=traffic, args=(m,)) for m in ("support", "base", "support")]
+    for t in threads:
+        t.start()
+    url = f"{server['url']}/v1/adapters"
+    for round_ in range(2):
+        name = f"churn{round_}"
+        assert httpx.post(url, json={"name": name, "path": str(server["root"] / "legal")}, headers=ADMIN,
+                          timeout=120).status_code == 200
+        assert httpx.delete(f"{url}/{name}", headers=ADMIN, timeout=120).status_code == 200
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures, failures
+    assert done == [12] * 15
+
+
+def test_changed_adapter_is_served_after_reload(server, specs, hf_models):
+    import shutil
+
+    first, second = make("miss_mini", specs["mha"], seed=250), make("miss_mini", specs["mha"], seed=251)
+    path = server["root"] / "swap"
+    save_adapter(first, path)
+    prompt = random_prompts(1, seed=252, min_len=70, max_len=70)[0]  # spans full KV blocks: prefix-cache relevant
+    assert completion_tokens(server["client"], "swap", prompt) == greedy_reference(hf_models["mha"], prompt, 16,
+                                                                                   first)[0]
+    shutil.rmtree(path)
+    save_adapter(second, path)  # rewritten in place, same name
+    assert completion_tokens(server["client"], "swap", prompt) == greedy_reference(hf_models["mha"], prompt, 16,
+                                                                                   second)[0]
+
+
+def test_more_bad_inputs_keep_the_server_serving(server, tmp_path):
+    from tenfold.adapters import ModelSpec
+
+    other = ModelSpec(num_layers=3, hidden_size=512, num_heads=8, num_kv_heads=8, head_dim=64, intermediate_size=1024)
+    save_adapter(make("lora", other, seed=260), server["root"] / "wrong_model")
+    response = httpx.post(f"{server['url']}/v1/adapters", json={"name": "wrong_model"}, headers=ADMIN, timeout=120)
+    assert response.status_code == 400 and "expected shape" in response.text
+    with pytest.raises(openai.BadRequestError):  # resolved by name on first use, refused before the engine
+        server["client"].completions.create(model="wrong_model", prompt="x", max_tokens=2)
+    malformed = httpx.post(f"{server['url']}/v1/completions", content=b'{"model": "base", "prompt": ',
+                           headers={"content-type": "application/json"})
+    assert malformed.status_code == 400
+    bad_value = httpx.post(f"{server['url']}/v1/completions", json={"model": "base", "prompt": "x", "max_tokens": -3})
+    assert bad_value.status_code == 400
+    no_prompt = httpx.post(f"{server['url']}/v1/completions", json={"model": "base"})
+    assert no_prompt.status_code == 400
+    assert completion_tokens(server["client"], "support", [5, 6, 7], n=4)  # still serving
