@@ -1,4 +1,5 @@
-"""Start `tenfold serve` as a subprocess on 127.0.0.1 for the server tests, and stop it."""
+"""Run a server subprocess on 127.0.0.1 for the server tests (`tenfold serve`, or vLLM's own OpenAI server) and
+stop it afterwards."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import httpx
 
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--block-size", "32",
                "--served-model-name", "base", "--max-loras", "4", "--max-lora-rank", "32"]
+CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
 def free_port() -> int:
@@ -22,13 +25,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def tenfold_server(model_dir, log_path, *args, env=None, startup_timeout=240):
-    port = free_port()
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": "nobind", **(env or {})}
+def running_server(argv, port: int, log_path, env=None, startup_timeout=240):
+    """Start `argv`, wait until http://127.0.0.1:<port>/health answers 200, yield, then terminate."""
     log = open(log_path, "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "tenfold.server.cli", "serve", str(model_dir), "--port", str(port),
-                             *map(str, args), *ENGINE_ARGS], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(list(map(str, argv)), env={**os.environ, **CPU_ENV, **(env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + startup_timeout
     try:
@@ -40,7 +41,7 @@ def tenfold_server(model_dir, log_path, *args, env=None, startup_timeout=240):
                 pass
             if proc.poll() is not None or time.time() > deadline:
                 log.seek(0)
-                raise RuntimeError(f"tenfold serve did not start:\n{log.read()[-4000:]}")
+                raise RuntimeError(f"server did not start:\n{log.read()[-4000:]}")
             time.sleep(1)
         yield {"url": url, "port": port, "process": proc, "log": log}
     finally:
@@ -51,3 +52,11 @@ def tenfold_server(model_dir, log_path, *args, env=None, startup_timeout=240):
             except subprocess.TimeoutExpired:
                 proc.kill()
         log.close()
+
+
+@contextmanager
+def tenfold_server(model_dir, log_path, *args, env=None):
+    port = free_port()
+    argv = [sys.executable, "-m", "tenfold.server.cli", "serve", model_dir, "--port", port, *args, *ENGINE_ARGS]
+    with running_server(argv, port, log_path, env) as running:
+        yield running

@@ -3,11 +3,7 @@ resolver, path-traversal names refused; queried with the official openai client.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
@@ -16,15 +12,10 @@ openai = pytest.importorskip("openai", reason="the server tests use the official
 
 from adapter_cases import make  # noqa: E402
 from tenfold.adapters import save_adapter  # noqa: E402
+from serve_process import ENGINE_ARGS, free_port, running_server  # noqa: E402
 from vllm_reference import greedy_reference, random_prompts  # noqa: E402
 
 NEW_TOKENS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,35 +28,13 @@ def server(tiny_model_dirs, specs, tmp_path_factory):
     save_adapter(adapters["miss"], static / "miss")
     save_adapter(adapters["rep_from_root"], root / "rep_from_root")
     port = free_port()
-    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-           "TENFOLD_ADAPTER_ROOT": str(root)}
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dirs["mha"]),
-         "--served-model-name", "base", "--dtype", "float32", "--enable-lora", "--max-loras", "4",
-         "--max-lora-rank", "32", "--lora-modules", f"lorta={static / 'lorta'}", f"miss={static / 'miss'}",
-         "--max-model-len", "256", "--enforce-eager", "--block-size", "32", "--host", "127.0.0.1",
-         "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    deadline = time.time() + 240
-    while True:
-        try:
-            client.models.list()
-            break
-        except openai.APIConnectionError:
-            if proc.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                proc.kill()
-                pytest.fail(f"vLLM server did not start:\n{log.read()[-4000:]}")
-            time.sleep(1)
-    yield {"client": client, "adapters": adapters}
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_dirs["mha"],
+            "--enable-lora", "--lora-modules", f"lorta={static / 'lorta'}", f"miss={static / 'miss'}",
+            "--host", "127.0.0.1", "--port", port, *ENGINE_ARGS]
+    env = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "TENFOLD_ADAPTER_ROOT": str(root)}
+    with running_server(argv, port, tmp_path_factory.mktemp("log") / "server.log", env) as running:
+        client = openai.OpenAI(base_url=f"{running['url']}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield {"client": client, "adapters": adapters}
 
 
 def complete(client, model, prompt):
