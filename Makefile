@@ -1,16 +1,21 @@
-# The two commands of the README: `make test` (all set-up + the test suite) and, later, `make demo`.
+# The README's two commands: `make demo` (set-up + the demo server on an embedded tiny model) and `make test`
+# (set-up + the test suite).
 VENV ?= .venv
+CPU_ENV = VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind HF_HUB_OFFLINE=1
 
-.PHONY: setup test clean
+.PHONY: setup test demo clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh $(VENV)
+	bash scripts/setup.sh $(VENV) cpu,test
 	touch $@
 
 test: setup
 	bash scripts/run_tests.sh $(VENV)
 
+demo: setup
+	$(CPU_ENV) $(VENV)/bin/tenfold demo
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .tenfold-cache .tenfold-demo

@@ -1,4 +1,7 @@
-"""The `tenfold` command line: inspect (text and --json) and convert, including its refusals."""
+"""The `tenfold` command line: inspect (text and --json) and convert, including its refusals and user errors.
+
+A few checks run the real command (`python -m tenfold.server.cli`: one interpreter start costs seconds, most of it
+importing torch and transformers); the rest call `main([...])` in-process."""
 
 from __future__ import annotations
 
@@ -10,14 +13,17 @@ import pytest
 
 from adapter_cases import make
 from tenfold.adapters import save_adapter
+from tenfold.adapters.convert import convert_to_lora
 from tenfold.server.cli import main
 
 
 @pytest.fixture(scope="module")
 def saved(specs, tmp_path_factory):
+    """tenfold-format adapters on the gqa model (they carry the base model's shapes), and PEFT LoRA directories
+    that do not: one naming no base model, one naming the tiny model's local directory."""
     root = tmp_path_factory.mktemp("cli")
     out = {}
-    for case in ("lorta_heads_out", "bat", "miss_mini"):
+    for case in ("lorta_heads_out", "bat", "miss_mini", "loretta_adp"):
         adapter = make(case, specs["gqa"], seed=71)
         adapter.validate(specs["gqa"])
         save_adapter(adapter, root / case)
@@ -25,50 +31,149 @@ def saved(specs, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def peft_dirs(saved, tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_peft")
+    adapter = saved["miss_mini"][1]
+    return {"unnamed": convert_to_lora(adapter, root / "unnamed"),
+            "named": convert_to_lora(adapter, root / "named", base_model=str(tiny_model_dirs["gqa"]))}
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "tenfold.server.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("case", ["lorta_heads_out", "bat", "miss_mini"])
-def test_inspect_json(saved, case):
-    path, adapter = saved[case]
-    result = run_cli("inspect", path, "--json")
-    assert result.returncode == 0, result.stderr
-    info = json.loads(result.stdout)
-    files = sum(p.stat().st_size for p in path.iterdir())
+def run_main(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def disk_bytes(path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir())
+
+
+def dense_bytes(adapter, spec, element_size=4) -> int:
+    return sum(adapter.rank * sum(spec.module_shape(m)) for _, m in adapter.targets) * element_size
+
+
+def check_summary(info: dict, path, adapter) -> None:
     assert info["family"] == adapter.family and info["rank"] == adapter.rank
     assert info["params"] == sum(t.numel() for t in adapter.tensors().values())
-    assert info["bytes"] == files and info["exact_lora"] == adapter.has_exact_lora
+    assert info["bytes"] == disk_bytes(path)
+    assert info["exact_lora"] is adapter.has_exact_lora
     assert info["target_modules"] == sorted({m for _, m in adapter.targets})
-    spec = adapter.spec
-    dense = sum(adapter.rank * sum(spec.module_shape(m)) for _, m in adapter.targets) * 4
-    assert info["lora_equivalent_bytes"] == dense
-    if case == "lorta_heads_out":
-        assert info["lora_equivalent_bytes"] > 10 * info["bytes"]
+    assert info["lora_equivalent_bytes"] == adapter.dense_equivalent_params() * 4  # fp32 factors
+    assert isinstance(info["details"], dict)
 
 
-def test_inspect_text_in_process(saved, capsys):
-    path, _ = saved["lorta_heads_out"]
-    assert main(["inspect", str(path)]) == 0
-    text = capsys.readouterr().out
-    assert "lorta" in text and "heads_out" in text and "exact LoRA     yes" in text
+# --- the real command --------------------------------------------------------------------------------------------
+
+def test_command_inspect_json(saved):
+    path, adapter = saved["lorta_heads_out"]
+    result = run_cli("inspect", path, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)  # exactly one JSON document on stdout
+    check_summary(info, path, adapter)
+    assert info["details"]["orientation"] == "heads_out"
+    assert info["lora_equivalent_bytes"] == dense_bytes(adapter, adapter.spec)  # per-layer LoRA at the same rank
+    assert info["lora_equivalent_bytes"] > 10 * info["bytes"]  # the point of a tensor adapter
 
 
-def test_convert_and_refusal(saved, tmp_path):
-    ok = run_cli("convert", saved["miss_mini"][0], tmp_path / "as_lora", "--to", "lora")
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads((tmp_path / "as_lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    refused = run_cli("convert", saved["bat"][0], tmp_path / "bat_lora", "--to", "lora")
-    assert refused.returncode == 2
-    assert "bat" in refused.stderr and "native path" in refused.stderr and "Traceback" not in refused.stderr
+def test_command_convert_refuses_bat(saved, tmp_path):
+    result = run_cli("convert", saved["bat"][0], tmp_path / "bat_lora", "--to", "lora")
+    assert result.returncode == 2
+    assert result.stderr.startswith("tenfold: error: ") and "Traceback" not in result.stderr
+    assert "bat" in result.stderr and "native" in result.stderr
     assert not (tmp_path / "bat_lora").exists()
 
 
-def test_errors_are_clean(tmp_path):
+def test_command_rejects_a_non_adapter_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("not an adapter")
     result = run_cli("inspect", tmp_path)
     assert result.returncode == 2
-    assert "adapter_config.json" in result.stderr and "Traceback" not in result.stderr
-    missing = run_cli("inspect", tmp_path / "absent")
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert result.stderr.startswith("tenfold: error: ") and "adapter_config.json" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+# --- in-process ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["lorta_heads_out", "bat", "miss_mini", "loretta_adp"])
+def test_inspect_json(saved, case, capsys):
+    path, adapter = saved[case]
+    code, out, err = run_main(capsys, "inspect", path, "--json")
+    assert code == 0, err
+    check_summary(json.loads(out), path, adapter)
+
+
+def test_inspect_text(saved, capsys):
+    path, adapter = saved["lorta_heads_out"]
+    code, out, _ = run_main(capsys, "inspect", path)
+    assert code == 0
+    assert "lorta" in out and "heads_out" in out and "exact LoRA     yes" in out
+    assert f"{adapter.num_params():,}" in out and f"{dense_bytes(adapter, adapter.spec):,}" in out
+    code, out, _ = run_main(capsys, "inspect", saved["bat"][0])
+    assert code == 0 and "bat" in out and "native path" in out
+
+
+def test_inspect_without_a_base_model_says_so(peft_dirs, tiny_model_dirs, saved, capsys):
+    path = peft_dirs["unnamed"]
+    code, out, _ = run_main(capsys, "inspect", path, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["family"] == "lora" and info["lora_equivalent_bytes"] is None
+    code, out, _ = run_main(capsys, "inspect", path)
+    assert code == 0 and "unknown" in out and "--base" in out
+    # --base sizes it; so does a base_model_name_or_path that names a local model directory
+    expected = dense_bytes(saved["miss_mini"][1], saved["miss_mini"][1].spec)
+    for args in (["--base", tiny_model_dirs["gqa"]], []):
+        target = path if args else peft_dirs["named"]
+        code, out, err = run_main(capsys, "inspect", target, "--json", *args)
+        assert code == 0, err
+        assert json.loads(out)["lora_equivalent_bytes"] == expected
+
+
+def test_inspect_validates_against_base(peft_dirs, tiny_model_dirs, capsys):
+    # the gqa adapter's k/v shapes do not fit the mha model
+    code, out, err = run_main(capsys, "inspect", peft_dirs["unnamed"], "--base", tiny_model_dirs["mha"])
+    assert code == 2 and out == "" and err.startswith("tenfold: error: ") and "expected shape" in err
+
+
+def test_convert(saved, tiny_model_dirs, tmp_path, capsys):
+    from tenfold.adapters import load_adapter
+
+    out_dir = tmp_path / "as_lora"
+    code, out, err = run_main(capsys, "convert", saved["miss_mini"][0], out_dir, "--to", "lora")
+    assert code == 0, err
+    assert "miss" in out and str(out_dir) in out
+    config = json.loads((out_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["base_model_name_or_path"] == str(tiny_model_dirs["gqa"])  # recorded from the adapter's spec
+    assert load_adapter(out_dir).family == "lora"
+
+
+def test_convert_refusals(saved, peft_dirs, tmp_path, capsys):
+    code, _, err = run_main(capsys, "convert", saved["loretta_adp"][0], tmp_path / "adp", "--to", "lora")
+    assert code == 2 and "loretta_adp" in err and "native path" in err
+    assert not (tmp_path / "adp").exists()
+    # never overwrite user files
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("user file")
+    code, _, err = run_main(capsys, "convert", saved["miss_mini"][0], tmp_path / "taken", "--to", "lora")
+    assert code == 2 and "refusing to overwrite" in err
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    # a PEFT LoRA that names no base model cannot be converted without --base
+    code, _, err = run_main(capsys, "convert", peft_dirs["unnamed"], tmp_path / "again", "--to", "lora")
+    assert code == 2 and "--base" in err and not (tmp_path / "again").exists()
+
+
+def test_user_errors_are_clean(tmp_path, capsys):
+    code, out, err = run_main(capsys, "inspect", tmp_path / "absent")
+    assert code == 2 and out == "" and err.startswith("tenfold: error: ") and "absent" in err
+    code, _, err = run_main(capsys, "inspect", tmp_path, "--base", tmp_path / "no_model")
+    assert code == 2 and err.startswith("tenfold: error: --base ") and "not a directory" in err
+    code, _, err = run_main(capsys, "inspect", tmp_path, "--base", tmp_path)
+    assert code == 2 and err.startswith("tenfold: error: --base ") and "config.json" in err
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    code, _, err = run_main(capsys, "inspect", tmp_path)
+    assert code == 2 and "not valid JSON" in err

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from adapter_cases import make
-from tenfold.adapters import NoExactLoRAError, attach, load_adapter
+from tenfold.adapters import AdapterMismatchError, NoExactLoRAError, attach, load_adapter
 from tenfold.adapters.convert import convert_to_lora
 
 EXACT = ["lora", "lorta_heads_in", "lorta_heads_out", "loretta_rep", "miss", "miss_mini"]
@@ -30,6 +32,7 @@ def test_peft_loads_the_converted_lora_with_identical_logits(case, model_name, t
         peft_model = PeftModel.from_pretrained(fresh, out).eval()
         via_peft = peft_model(ids).logits
         base = hf_models[model_name](ids).logits
+    del peft_model, fresh  # PEFT injected its layers into this private copy only
     assert (native - base).abs().max() > 0.05
     assert (via_peft - native).abs().max().item() <= 1e-5
     reread = load_adapter(out, spec)
@@ -37,10 +40,25 @@ def test_peft_loads_the_converted_lora_with_identical_logits(case, model_name, t
 
 
 @pytest.mark.parametrize("case", ["bat", "loretta_adp"])
-def test_conversion_is_refused_without_an_exact_form(case, specs, tmp_path):
+@pytest.mark.parametrize("bound", [True, False])
+def test_conversion_is_refused_without_an_exact_form(case, bound, specs, tmp_path):
     adapter = make(case, specs["mha"])
-    adapter.validate(specs["mha"])
-    with pytest.raises(NoExactLoRAError, match="native path"):
+    if bound:
+        adapter.validate(specs["mha"])
+    else:
+        adapter.spec = None  # refused for what it is, not for a missing base model
+    with pytest.raises(NoExactLoRAError) as refused:
+        convert_to_lora(adapter, tmp_path / "out")
+    message = str(refused.value)
+    assert message.startswith(f"{adapter.family} has no exact LoRA form") and "native path" in message
+    assert "refuse" in message  # why: says conversion is refused, not merely unsupported
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversion_needs_a_base_model(specs, tmp_path):
+    adapter = make("lorta_heads_in", specs["mha"])
+    adapter.spec = None
+    with pytest.raises(AdapterMismatchError, match="base model"):
         convert_to_lora(adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -50,6 +68,13 @@ def test_conversion_never_overwrites(specs, tmp_path):
     adapter.validate(specs["mha"])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("user file")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
         convert_to_lora(adapter, tmp_path / "out")
-    assert (tmp_path / "out" / "keep.txt").read_text() == "user file"
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    (tmp_path / "file").write_text("user file")
+    with pytest.raises(FileExistsError):
+        convert_to_lora(adapter, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "user file"
+    (tmp_path / "empty").mkdir()  # an existing empty directory is fine
+    convert_to_lora(adapter, tmp_path / "empty", base_model="tiny")
+    assert json.loads((tmp_path / "empty" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"

@@ -11,25 +11,39 @@ from ..adapters import AdapterError, ModelSpec, load_adapter
 from ..adapters.checkpoint import read_config
 
 
-def _base_spec(args, adapter_dir: Path) -> ModelSpec | None:
-    """--base, else the adapter's base_model_name_or_path when it is a local directory; else None."""
+def _base_model(args, adapter_dir: Path) -> tuple[ModelSpec | None, str | None]:
+    """The base model to validate against and its path: --base; else the adapter config's base_model_name_or_path
+    when it is a local model directory tenfold can describe; else none (tenfold's own format carries its shapes)."""
     if args.base:
-        return ModelSpec.from_pretrained(args.base)
+        if not Path(args.base).is_dir():
+            raise AdapterError(f"--base {args.base}: not a directory; expected a HuggingFace model directory "
+                               f"(holding config.json)")
+        try:
+            return ModelSpec.from_pretrained(args.base), args.base
+        except AdapterError:
+            raise  # an architecture tenfold does not describe: its own message
+        except (OSError, ValueError) as e:  # transformers: no or unreadable config.json
+            raise AdapterError(f"--base {args.base}: cannot read the model's config.json ({e})") from None
     hinted = read_config(adapter_dir).get("base_model_name_or_path")
-    if hinted and Path(hinted).is_dir():
-        return ModelSpec.from_pretrained(hinted)
-    return None
+    if isinstance(hinted, str) and hinted and Path(hinted).is_dir():
+        try:
+            return ModelSpec.from_pretrained(hinted), hinted
+        except (OSError, ValueError):  # not a model directory, or an architecture tenfold does not describe
+            return None, None
+    return None, None
 
 
 def _load(args):
     directory = Path(args.path)
-    return directory, load_adapter(directory, _base_spec(args, directory), lorta_orientation=args.lorta_orientation)
+    spec, base = _base_model(args, directory)
+    adapter = load_adapter(directory, spec, lorta_orientation=args.lorta_orientation)
+    return directory, adapter, base
 
 
 def cmd_inspect(args) -> int:
     from ..adapters.summary import format_summary, summarize
 
-    directory, adapter = _load(args)
+    directory, adapter, _ = _load(args)
     summary = summarize(adapter, directory)
     print(json.dumps(summary, sort_keys=True) if args.json else format_summary(summary, directory))
     return 0
@@ -38,11 +52,13 @@ def cmd_inspect(args) -> int:
 def cmd_convert(args) -> int:
     from ..adapters.convert import convert_to_lora
 
-    directory, adapter = _load(args)
-    if adapter.spec is None:
-        raise AdapterError(f"{directory}: converting needs the base model's shapes: pass --base MODEL_DIR")
-    out = convert_to_lora(adapter, args.out, base_model=args.base)
-    print(f"wrote PEFT LoRA (rank {adapter.rank}, exact) to {out}")
+    directory, adapter, base = _load(args)
+    if adapter.has_exact_lora and adapter.spec is None:
+        raise AdapterError(f"{directory}: converting a {adapter.family} adapter needs the base model's shapes: pass "
+                           f"--base MODEL_DIR")
+    base = base or (adapter.spec.name if adapter.spec is not None else None)
+    out = convert_to_lora(adapter, args.out, base_model=base)
+    print(f"wrote the exact LoRA form of the {adapter.family} adapter (rank {adapter.rank}) as PEFT LoRA to {out}")
     return 0
 
 
@@ -50,6 +66,22 @@ def cmd_serve(args, passthrough) -> int:
     from .serve import run
 
     return run(args, passthrough)
+
+
+def cmd_demo(args, passthrough) -> int:
+    from ..demo import ADAPTERS, examples, prepare
+    from .serve import run
+
+    base, adapters = prepare(args.workdir)
+    if args.prepare_only:
+        print(f"demo model in {base}; adapters in {base.parent / 'adapters'}")
+        return 0
+    print(examples(args.host, args.port, args.grpc_port), flush=True)
+    serve_args = build_parser().parse_args(
+        ["serve", str(base), "--adapter-root", str(base.parent / "adapters"), "--host", args.host, "--port",
+         str(args.port), "--grpc-port", str(args.grpc_port),
+         *[f"--adapter={a.name}={adapters[a.name]}" for a in ADAPTERS]])
+    return run(serve_args, ["--served-model-name", "base", "--max-model-len", "512", *passthrough])
 
 
 def _adapter_arguments(parser) -> None:
@@ -80,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Arguments not listed here are passed to vLLM's engine and server.")
     add_arguments(serve)
     serve.set_defaults(run=cmd_serve, passthrough=True)
+
+    demo = commands.add_parser("demo", help="offline demo: build a tiny model, train three adapters, serve them",
+                               description="Arguments not listed here are passed to vLLM's engine and server.")
+    demo.add_argument("--workdir", type=Path, default=Path(".tenfold-demo"), help="cache for the model and adapters")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--grpc-port", type=int, default=50051)
+    demo.add_argument("--prepare-only", action="store_true", help="build and train, do not serve")
+    demo.set_defaults(run=cmd_demo, passthrough=True)
     return parser
 
 
@@ -89,7 +130,7 @@ def main(argv=None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.run(args, rest) if getattr(args, "passthrough", False) else args.run(args)
-    except (AdapterError, FileNotFoundError, FileExistsError, OSError) as e:
+    except (AdapterError, OSError) as e:  # user errors: a clean message, no traceback
         print(f"tenfold: error: {e}", file=sys.stderr)
         return 2
 
