@@ -33,11 +33,13 @@ def server(tiny_model_dirs, specs, tmp_path_factory):
     (root / "broken" / "adapter_config.json").write_text("{")
     big = make("lora", spec, seed=205, r=32)
     save_adapter(big, root / "huge")
+    for i in range(5):  # more adapters than the workers' cache holds (--max-cpu-loras 4)
+        save_adapter(make("lorta_qv", spec, seed=300 + i), root / f"evict{i}")
     log = tmp_path_factory.mktemp("log") / "serve.log"
     grpc_port = free_port()
     # a size limit between the small adapters (< 0.5 MB) and the rank-32 LoRA on all modules (1.7 MB)
     with tenfold_server(tiny_model_dirs["mha"], log, "--adapter", f"support={static / 'support'}",
-                        "--adapter-root", root, "--api-key", KEY, "--grpc-port", grpc_port,
+                        "--adapter-root", root, "--api-key", KEY, "--grpc-port", grpc_port, "--max-cpu-loras", 4,
                         env={"TENFOLD_MAX_ADAPTER_BYTES": "1000000"}) as running:
         client = openai.OpenAI(base_url=f"{running['url']}/v1", api_key="unused", max_retries=0, timeout=120)
         yield {**running, "client": client, "adapters": adapters, "root": root, "grpc": f"127.0.0.1:{grpc_port}"}
@@ -342,3 +344,15 @@ def test_more_bad_inputs_keep_the_server_serving(server, tmp_path):
     no_prompt = httpx.post(f"{server['url']}/v1/completions", json={"model": "base"})
     assert no_prompt.status_code == 400
     assert completion_tokens(server["client"], "support", [5, 6, 7], n=4)  # still serving
+
+
+def test_metrics_count_evictions(server):
+    """Using more adapters than the workers' cache holds evicts the least recently used ones; evictions are counted
+    when /metrics is scraped (an adapter loaded and evicted between two scrapes is not seen)."""
+    before = scrape(server)
+    for i in range(5):
+        completion_tokens(server["client"], f"evict{i}", [5, 6, 7], n=2)
+        scrape(server)
+    after = scrape(server)
+    assert value(after, "tenfold_adapter_evictions_total") - value(before, "tenfold_adapter_evictions_total") >= 4
+    assert value(after, "tenfold_resident_adapters", tier="worker_cache") <= 4

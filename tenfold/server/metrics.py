@@ -2,7 +2,8 @@
 
 Request metrics are observed around the engine client's `generate` (so HTTP and gRPC traffic both count); load and
 unload metrics around `add_lora` / `remove_lora`; residency is refreshed from the engine on every /metrics scrape,
-which is also when evictions (adapters that left the workers' cache without an unload) are counted.
+which is also when evictions (adapters that left the workers' cache without an unload) are counted: the workers
+evict in their own processes, so an adapter loaded and evicted between two scrapes is not seen.
 """
 
 from __future__ import annotations
