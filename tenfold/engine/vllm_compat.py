@@ -105,6 +105,8 @@ def _patch_worker_loading() -> None:
     original_add = LRUCacheWorkerLoRAManager.add_adapter
 
     def add_adapter(self, lora_request):
+        # Runs for every active adapter on every step, so a rewrite is seen before the next step: throttling this
+        # would let a step run old weights while the scheduler already keys new KV blocks with the new version.
         loaded_version = self._tenfold_fingerprints.get(lora_request.lora_int_id)
         if (loaded_version is not None and lora_request.lora_int_id in self.list_adapters()
                 and fingerprint(get_adapter_absolute_path(lora_request.lora_path)) != loaded_version):
