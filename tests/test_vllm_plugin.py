@@ -1,5 +1,6 @@
-"""The vLLM plugin's compatibility path: every exactly-low-rank family served by an unmodified vLLM 0.32 engine,
-mixed with base rows in one batch, equal to the HuggingFace reference; bad adapters fail alone."""
+"""The vLLM plugin in both execution modes: native (every family, tenfold's own wrappers and slot store) and convert
+(every exactly-low-rank family on vLLM's LoRA kernels). Mixed with base rows in one batch, every answer equals the
+HuggingFace reference; bad adapters fail alone."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from tenfold.adapters import save_adapter  # noqa: E402
 from vllm_reference import greedy_reference, random_prompts  # noqa: E402
 
 NEW_TOKENS = 24
-MAX_LORAS = 8
-# served through vLLM's LoRA path: every family with an exact LoRA form, both LoRTA orientations
-SERVED_CASES = ["lora", "lorta_heads_in", "lorta_heads_out", "loretta_rep", "miss", "miss_mini"]
+MAX_LORAS = 12
+# convert mode: every family with an exact LoRA form, both LoRTA orientations; native mode: every family
+CONVERTIBLE_CASES = ["lora", "lorta_heads_in", "lorta_heads_out", "loretta_rep", "miss", "miss_mini"]
+SERVED_CASES = {"convert": CONVERTIBLE_CASES, "native": [*CONVERTIBLE_CASES, "lorta_qv", "bat", "loretta_adp"]}
 
 
 def engine(model_dir, **overrides):
@@ -30,28 +32,36 @@ def engine(model_dir, **overrides):
     return LLM(**{**args, **overrides})
 
 
-@pytest.fixture(scope="module", params=["mha", "gqa"])
+@pytest.fixture(scope="module", params=["native-mha", "native-gqa", "convert-mha", "convert-gqa"])
 def served(request, tiny_model_dirs, specs, hf_models, tmp_path_factory):
-    """One engine per tiny model, shared by the tests of this module, plus the adapters saved for it."""
-    name = request.param
+    """One engine per execution mode and tiny model, shared by the tests of this module, plus the adapters saved
+    for it. The mode is read from TENFOLD_MODE by the engine's processes and by this process's request checks."""
+    mode, name = request.param.split("-")
     root = tmp_path_factory.mktemp(f"adapters-{name}")
     adapters = {}
-    for i, case in enumerate(SERVED_CASES):
+    for i, case in enumerate(SERVED_CASES[mode]):
         adapter = make(case, specs[name], seed=100 + i)
         adapter.validate(specs[name])
         save_adapter(adapter, root / case)
         adapters[case] = adapter
+    previous = os.environ.get("TENFOLD_MODE")
+    os.environ["TENFOLD_MODE"] = mode
     llm = engine(tiny_model_dirs[name])
-    yield {"name": name, "llm": llm, "root": root, "adapters": adapters, "model": hf_models[name]}
+    yield {"name": name, "mode": mode, "llm": llm, "root": root, "adapters": adapters, "model": hf_models[name]}
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
+    if previous is None:
+        os.environ.pop("TENFOLD_MODE")
+    else:
+        os.environ["TENFOLD_MODE"] = previous
 
 
-def lora_request(name, root, index):
+def lora_request(served, case):
     from vllm.lora.request import LoRARequest
 
-    return LoRARequest(lora_name=name, lora_int_id=index + 1, lora_path=str(root / name))
+    index = SERVED_CASES[served["mode"]].index(case)
+    return LoRARequest(lora_name=case, lora_int_id=index + 1, lora_path=str(served["root"] / case))
 
 
 def generate(llm, prompts, requests):
@@ -73,10 +83,10 @@ def check_against_reference(served, prompts, cases, outputs):
 
 
 def test_mixed_family_batch_matches_huggingface(served):
-    """Base rows, every family and both LoRTA orientations in one batch; all MAX_LORAS slots can be in use."""
-    cases = [None, *SERVED_CASES, None, "lora", "miss_mini", None]
+    """Base rows, every family of the mode and both LoRTA orientations in one batch."""
+    cases = [None, *SERVED_CASES[served["mode"]], None, "lora", "miss_mini", None]
     prompts = random_prompts(len(cases), seed=7)
-    requests = [lora_request(c, served["root"], SERVED_CASES.index(c)) if c else None for c in cases]
+    requests = [lora_request(served, c) if c else None for c in cases]
     outputs = generate(served["llm"], prompts, requests)
     check_against_reference(served, prompts, cases, outputs)
 
@@ -102,8 +112,8 @@ def test_base_rows_untouched_when_every_slot_is_occupied(served, specs, tmp_path
 
 
 def test_bad_adapters_fail_alone_and_the_engine_keeps_serving(served, specs, tmp_path):
-    """Wrong-model, partial, no-LoRA-form and missing adapters each fail with a clear error; then a good batch
-    still completes in the same engine."""
+    """Wrong-model, partial and missing adapters (and in convert mode the families with no LoRA form) each fail
+    with a clear error; then a good batch still completes in the same engine."""
     from vllm.lora.request import LoRARequest
 
     from tenfold.adapters import ModelSpec
@@ -118,7 +128,9 @@ def test_bad_adapters_fail_alone_and_the_engine_keeps_serving(served, specs, tmp
     save_adapter(make("loretta_adp", specs[served["name"]], seed=4), tmp_path / "loretta_adp")
 
     expected = {"wrong_model": "expected shape", "partial": "only part of the targeted modules",
-                "bat": "native path", "loretta_adp": "native path", "missing": "does not exist"}
+                "missing": "does not exist"}
+    if served["mode"] == "convert":
+        expected.update(bat="native path", loretta_adp="native path")
     prompt = random_prompts(1, seed=9)
     for i, (name, message) in enumerate(expected.items()):
         request = LoRARequest(name, 2000 + i, str(tmp_path / name))
@@ -130,7 +142,7 @@ def test_bad_adapters_fail_alone_and_the_engine_keeps_serving(served, specs, tmp
 
     cases = [None, "lorta_heads_out", "miss"]
     prompts = random_prompts(len(cases), seed=10)
-    requests = [lora_request(c, served["root"], SERVED_CASES.index(c)) if c else None for c in cases]
+    requests = [lora_request(served, c) if c else None for c in cases]
     check_against_reference(served, prompts, cases, generate(served["llm"], prompts, requests))
 
 

@@ -1,8 +1,9 @@
-"""Compatibility path: any tenfold-readable adapter directory -> vLLM LoRA tensors, in memory.
+"""Adapter directories -> what the engine serves, in memory: validated family objects (native path) or LoRA
+tensors (compatibility path).
 
-Families with an exact LoRA form (lora, lorta, loretta_rep, miss default/mini) are converted when vLLM loads the
-adapter; nothing is written next to the user's files. Conversions are cached per (path, file fingerprint, base
-model), so the front-end's validation and the worker's load each pay once per adapter version.
+Families with an exact LoRA form (lora, lorta, loretta_rep, miss default/mini) can be converted when vLLM loads the
+adapter; nothing is written next to the user's files. Loads and conversions are cached per (path, file fingerprint,
+base model), so the front-end's validation and the worker's load each pay once per adapter version.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import ModelSpec, NoExactLoRAError, load_adapter
+from ..adapters import Adapter, ModelSpec, NoExactLoRAError, load_adapter
 from ..adapters.checkpoint import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
 from ..adapters.errors import AdapterMismatchError
 from ..adapters.lora.format import peft_lora_config, peft_lora_tensors
@@ -52,19 +53,78 @@ _cache: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 
 
-def convert_for_vllm(path, spec: ModelSpec, max_rank: int | None = None) -> ConvertedAdapter:
-    """Load, validate against the served model and convert to LoRA tensors; raises AdapterError subclasses (and
-    FileNotFoundError for a missing directory) with messages fit for the user."""
+def _cached(kind: str, path, spec: ModelSpec, build):
     directory = Path(path)
     if not directory.exists():
         raise FileNotFoundError(f"adapter directory {directory} does not exist")
-    key = (str(directory.resolve()), fingerprint(directory), spec)
+    key = (kind, str(directory.resolve()), fingerprint(directory), spec)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
-            converted = _cache[key]
-            _check_rank(converted, directory, max_rank)
-            return converted
+            return _cache[key]
+    value = build(directory, key[2])
+    with _lock:
+        _cache[key] = value
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+    return value
+
+
+@dataclass(frozen=True)
+class NativeAdapter:
+    adapter: Adapter  # validated against the served model
+    fingerprint: str
+    slot_params: int  # entries of the adapter's row in its native slot tables
+
+
+def load_for_native(path, spec: ModelSpec) -> NativeAdapter:
+    """Load and validate against the served model (every family); raises AdapterError subclasses (and
+    FileNotFoundError for a missing directory) with messages fit for the user."""
+    return _cached("native", path, spec, lambda directory, version: _load_native(directory, version, spec))
+
+
+def _load_native(directory: Path, version: str, spec: ModelSpec) -> NativeAdapter:
+    from .families import BUCKETS
+
+    adapter = load_adapter(directory, spec)
+    bucket = BUCKETS[adapter.family](BUCKETS[adapter.family].signature_of(adapter), spec, torch.float32,
+                                     torch.device("cpu"))
+    with torch.no_grad():
+        slot_params = sum(t.numel() for t in bucket.row_tensors(adapter).values())
+    return NativeAdapter(adapter, version, slot_params)
+
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    family: str
+    rank: int
+    params: int        # the adapter's own parameters
+    nbytes: int        # bytes of its own factors, as stored
+    worker_bytes: int  # bytes a worker holds for it on the current execution path
+
+
+def adapter_facts(path, spec: ModelSpec) -> AdapterFacts:
+    """What serving this adapter costs on the current execution path (TENFOLD_MODE)."""
+    from .mode import execution_mode
+
+    if execution_mode() == "native":
+        native = load_for_native(path, spec)
+        a = native.adapter
+        return AdapterFacts(a.family, a.rank, a.num_params(), a.nbytes(), native.slot_params * 4)  # fp32 tables on CPU
+    c = convert_for_vllm(path, spec)
+    return AdapterFacts(c.family, c.rank, c.params, c.nbytes,
+                        sum(t.numel() * t.element_size() for t in c.tensors.values()))
+
+
+def convert_for_vllm(path, spec: ModelSpec, max_rank: int | None = None) -> ConvertedAdapter:
+    """Load, validate against the served model and convert to LoRA tensors; raises AdapterError subclasses (and
+    FileNotFoundError for a missing directory) with messages fit for the user."""
+    converted = _cached("convert", path, spec, lambda directory, version: _convert(directory, version, spec))
+    _check_rank(converted, Path(path), max_rank)
+    return converted
+
+
+def _convert(directory: Path, version: str, spec: ModelSpec) -> ConvertedAdapter:
     adapter = load_adapter(directory, spec)
     if not adapter.has_exact_lora:
         raise NoExactLoRAError(
@@ -73,14 +133,8 @@ def convert_for_vllm(path, spec: ModelSpec, max_rank: int | None = None) -> Conv
     with torch.no_grad():
         factors = {k: adapter.lora_factors(k) for k in adapter.targets}
         rank, tensors = peft_lora_tensors({k: (a.float(), b.float()) for k, (a, b) in factors.items()})
-    converted = ConvertedAdapter(adapter.family, rank, peft_lora_config(rank, adapter.target_modules()), tensors,
-                                 key[1], adapter.num_params(), adapter.nbytes())
-    _check_rank(converted, directory, max_rank)
-    with _lock:
-        _cache[key] = converted
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-    return converted
+    return ConvertedAdapter(adapter.family, rank, peft_lora_config(rank, adapter.target_modules()), tensors, version,
+                            adapter.num_params(), adapter.nbytes())
 
 
 def _check_rank(converted: ConvertedAdapter, directory: Path, max_rank: int | None) -> None:

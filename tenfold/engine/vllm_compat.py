@@ -1,8 +1,9 @@
 """Every change tenfold makes to vLLM, in one place, guarded by the vLLM version it was written against.
 
 Patches (all idempotent, applied by `apply()` in every vLLM process through the plugin entry point):
-1. Worker loading: `WorkerLoRAManager._load_adapter` reads any tenfold-readable directory, validates it against the
-   served model and converts it to LoRA tensors in memory (exactly-low-rank families only).
+1. Worker loading: `WorkerLoRAManager._load_adapter` reads any tenfold-readable directory and validates it against
+   the served model; native mode keeps the family object (every family), convert mode converts it to LoRA tensors
+   in memory (exactly-low-rank families only).
 2. Front-end validation: `InputProcessor._validate_lora` runs the same load before a request is queued, so a bad or
    missing adapter fails that request with a clear error instead of crashing the engine core mid-step; the
    OpenAI server's `/v1/load_lora_adapter` check does too, answering 400 (unusable adapter), 413 (over the size
@@ -15,6 +16,10 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
 5. Worker cache: an adapter whose files changed since the worker loaded it is reloaded in place.
 6. Unloading: `/v1/unload_lora_adapter` also removes the adapter from the workers' slots and host cache (vLLM 0.32
    only forgets the name).
+8. Native execution (TENFOLD_MODE=native, the default): tenfold's wrappers (`layers.py`) are prepended to
+   `_all_lora_classes`; the model manager skips the embedding and logits wrappers (no family adapts them, and their
+   per-slot buffers are dense), creates the native state beside the punica wrapper, registers native adapters
+   without LoRA packing, and mirrors slot activation, eviction and mapping changes into the slot store.
 7. Instrumentation (`instrument_engine_client`, called by `tenfold serve` on its own engine client): per-request and
    per-load hooks for tenfold's metrics.
 """
@@ -56,6 +61,7 @@ def apply() -> None:
     _patch_unload_endpoint()
     _patch_cpu_lora_ops()
     _patch_prefix_cache_keys()
+    _patch_native_execution()
     _applied = True
     logger.debug("tenfold: vLLM %s patched", SUPPORTED_VLLM_VERSION)
 
@@ -73,7 +79,9 @@ def _patch_worker_loading() -> None:
     from vllm.lora.utils import get_adapter_absolute_path
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
 
-    from .loader import convert_for_vllm, fingerprint
+    from .loader import convert_for_vllm, fingerprint, load_for_native
+    from .mode import execution_mode
+    from .native_model import NativeLoRAModel
 
     original_init = WorkerLoRAManager.__init__
 
@@ -85,6 +93,10 @@ def _patch_worker_loading() -> None:
     def _load_adapter(self, lora_request):
         path = get_adapter_absolute_path(lora_request.lora_path)
         try:
+            if execution_mode() == "native":
+                native = load_for_native(path, self._tenfold_spec)
+                self._tenfold_fingerprints[lora_request.lora_int_id] = native.fingerprint
+                return NativeLoRAModel(lora_request.lora_int_id, native.adapter)
             converted = convert_for_vllm(path, self._tenfold_spec, self.lora_config.max_lora_rank)
         except FileNotFoundError as e:
             raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from e
@@ -131,16 +143,20 @@ def _patch_request_validation() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     from ..adapters import AdapterError
-    from .loader import convert_for_vllm
+    from .loader import convert_for_vllm, load_for_native
+    from .mode import execution_mode
 
     original = InputProcessor._validate_lora
 
     def check_adapter(self, lora_request) -> None:
-        """Load and convert in this process (cached); raises AdapterError or FileNotFoundError."""
+        """Load (and in convert mode convert) in this process, cached; raises AdapterError or FileNotFoundError."""
         if not hasattr(self, "_tenfold_spec"):
             self._tenfold_spec = served_spec(self.vllm_config)
-        convert_for_vllm(get_adapter_absolute_path(lora_request.lora_path), self._tenfold_spec,
-                         self.lora_config.max_lora_rank)
+        path = get_adapter_absolute_path(lora_request.lora_path)
+        if execution_mode() == "native":
+            load_for_native(path, self._tenfold_spec)
+        else:
+            convert_for_vllm(path, self._tenfold_spec, self.lora_config.max_lora_rank)
 
     def _validate_lora(self, lora_request):
         original(self, lora_request)
@@ -274,6 +290,111 @@ def _patch_prefix_cache_keys() -> None:
         return keys
 
     kv_cache_utils._gen_lora_extra_hash_keys = _gen_lora_extra_hash_keys
+
+
+# --- 8: native execution --------------------------------------------------------------------------------------------
+def _patch_native_execution() -> None:
+    import vllm.lora.model_manager as model_manager
+    import vllm.lora.utils as lora_utils
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    from .layers import NATIVE_LAYER_CLASSES, NativeAdapterMixin
+    from .mode import execution_mode
+    from .native_model import NativeLoRAModel
+    from .native_state import NativeState
+    from .slots import SlotStore
+
+    if NATIVE_LAYER_CLASSES[0] not in lora_utils._all_lora_classes:
+        lora_utils._all_lora_classes = (*NATIVE_LAYER_CLASSES, *lora_utils._all_lora_classes)
+
+    original_supported = model_manager.is_supported_lora_module
+
+    def is_supported_lora_module(module_name, module, supported_lora_modules):
+        if execution_mode() == "native" and isinstance(module, VocabParallelEmbedding):
+            return False  # embed_tokens, lm_head: no tenfold family adapts them
+        return original_supported(module_name, module, supported_lora_modules)
+
+    model_manager.is_supported_lora_module = is_supported_lora_module
+    manager = model_manager.LoRAModelManager
+    original_create_modules = manager._create_lora_modules
+
+    def _create_lora_modules(self):
+        original_create_modules(self)
+        if execution_mode() != "native":
+            return
+        wrappers = {n: m for n, m in self.modules.items() if isinstance(m, NativeAdapterMixin)}
+        others = sorted(n for n in self.modules if n not in wrappers)
+        if others:
+            raise ValueError(f"tenfold native mode cannot adapt {others[:4]}: no tenfold wrapper claimed them; serve "
+                             f"this model with TENFOLD_MODE=convert")
+        spec = served_spec_of_model(self.model)
+        dtype = torch.float32 if self.device.type == "cpu" else self.lora_config.lora_dtype
+        store = SlotStore(spec, self.lora_slots, dtype, self.device)
+        punica = self._get_punica_wrapper(next(iter(wrappers), "")) if wrappers else None
+        self._tenfold_native = NativeState(store, punica)
+        for name, module in wrappers.items():
+            suffix = name.rsplit(".", 1)[-1]
+            module.bind_native(self._tenfold_native, name, self.packed_modules_mapping.get(suffix) or [suffix])
+        logger.info("tenfold native mode: %d slots, %d layers wrapped; no per-slot buffers are reserved (%d bytes of "
+                    "slot index per slot); each adapter's row is allocated at its own size when it takes a slot",
+                    self.lora_slots, len(wrappers), store.index_bytes_per_slot())
+
+    def _add_adapter(self, lora):
+        if isinstance(lora, NativeLoRAModel):
+            self._registered_adapters[lora.id] = lora  # nothing to pack: the factors stay in family form
+            return
+        original_add(self, lora)
+
+    def activate_adapter(self, lora_id):
+        activated = original_activate(self, lora_id)
+        native = getattr(self, "_tenfold_native", None)
+        if activated and native is not None:
+            lora = self._registered_adapters[lora_id]
+            if not isinstance(lora, NativeLoRAModel):
+                raise TypeError(f"adapter {lora_id} was loaded as LoRA tensors but the engine runs tenfold's native "
+                                f"mode")
+            native.store.assign(self.lora_index_to_id.index(lora_id), lora.adapter)
+        return activated
+
+    def _deactivate_adapter(self, lora_id):
+        native = getattr(self, "_tenfold_native", None)
+        if native is not None and lora_id in self.lora_index_to_id:
+            native.store.release(self.lora_index_to_id.index(lora_id))
+        original_deactivate(self, lora_id)
+
+    def remove_all_adapters(self):
+        original_remove_all(self)
+        native = getattr(self, "_tenfold_native", None)
+        if native is not None:
+            native.store.clear()
+
+    def _set_adapter_mapping(self, mapping):
+        original_set_mapping(self, mapping)
+        native = getattr(self, "_tenfold_native", None)
+        if native is not None:
+            native.mapping_changed()
+
+    def create_dummy_lora(self, lora_id, rank, embedding_modules=None):
+        if getattr(self, "_tenfold_native", None) is not None:
+            return NativeLoRAModel(lora_id, None)
+        return original_dummy(self, lora_id, rank, embedding_modules)
+
+    original_add, original_activate = manager._add_adapter, manager.activate_adapter
+    original_deactivate, original_remove_all = manager._deactivate_adapter, manager.remove_all_adapters
+    original_set_mapping, original_dummy = manager._set_adapter_mapping, manager.create_dummy_lora
+    manager._create_lora_modules = _create_lora_modules
+    manager._add_adapter = _add_adapter
+    manager.activate_adapter = activate_adapter
+    manager._deactivate_adapter = _deactivate_adapter
+    manager.remove_all_adapters = remove_all_adapters
+    manager._set_adapter_mapping = _set_adapter_mapping
+    manager.create_dummy_lora = create_dummy_lora
+
+
+def served_spec_of_model(model):
+    from ..adapters import ModelSpec
+
+    return ModelSpec.from_hf_config(model.config.get_text_config())
 
 
 # --- 7: instrumentation of one engine client ------------------------------------------------------------------------

@@ -52,15 +52,15 @@ class AdapterAdmin:
         return self.state.openai_serving_models
 
     async def describe(self, lora) -> dict:
-        from ..engine.loader import convert_for_vllm
+        from ..engine.loader import adapter_facts
         from ..engine.vllm_compat import served_spec
 
         resident = await self.state.engine_client.list_loras()
         facts = {"name": lora.lora_name, "path": lora.lora_path,
                  "residency": "worker" if lora.lora_int_id in resident else "registered"}
         try:
-            converted = convert_for_vllm(lora.lora_path, served_spec(self.state.vllm_config))
-            facts.update(family=converted.family, rank=converted.rank, params=converted.params, bytes=converted.nbytes)
+            adapter = adapter_facts(lora.lora_path, served_spec(self.state.vllm_config))
+            facts.update(family=adapter.family, rank=adapter.rank, params=adapter.params, bytes=adapter.nbytes)
         except Exception as e:  # a listing never fails because one adapter went bad on disk
             facts["error"] = str(e)
         return facts

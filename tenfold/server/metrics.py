@@ -35,10 +35,10 @@ RESIDENT_BYTES = Gauge("tenfold_resident_adapter_bytes", "Bytes of adapter weigh
 def family_of(lora_request, spec) -> str:
     if lora_request is None:
         return BASE
-    from ..engine.loader import convert_for_vllm
+    from ..engine.loader import adapter_facts
 
     try:
-        return convert_for_vllm(lora_request.lora_path, spec).family
+        return adapter_facts(lora_request.lora_path, spec).family
     except Exception:  # an adapter that fails validation is still counted, as an error
         return "invalid"
 
@@ -98,7 +98,7 @@ class ResidencyTracker:
         self.unloaded.add(lora_id)
 
     async def refresh(self) -> None:
-        from ..engine.loader import convert_for_vllm
+        from ..engine.loader import adapter_facts
 
         resident = set(await self.admin.state.engine_client.list_loras())
         EVICTIONS.inc(len(self.previous - resident - self.unloaded))
@@ -107,13 +107,12 @@ class ResidencyTracker:
         sizes = {}
         for lora in registered:
             try:
-                converted = convert_for_vllm(lora.lora_path, self.spec)
+                facts = adapter_facts(lora.lora_path, self.spec)
             except Exception:
                 continue
-            sizes[lora.lora_int_id] = (converted.nbytes, sum(t.numel() * t.element_size()
-                                                             for t in converted.tensors.values()))
+            sizes[lora.lora_int_id] = (facts.nbytes, facts.worker_bytes)
         RESIDENT.labels("registered").set(len(registered))
         RESIDENT.labels("worker_cache").set(len(resident))
         RESIDENT_BYTES.labels("registered").set(sum(own for own, _ in sizes.values()))
-        # the workers hold the converted LoRA factors on the compatibility path
+        # native: the adapter's slot-table row; convert: its converted LoRA factors
         RESIDENT_BYTES.labels("worker_cache").set(sum(sizes[i][1] for i in resident if i in sizes))

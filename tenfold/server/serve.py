@@ -8,6 +8,8 @@ import argparse
 import os
 from pathlib import Path
 
+from ..engine.mode import ENV as MODE_ENV
+from ..engine.mode import MODES
 from ..engine.resolver import ROOT_ENV, InvalidAdapterName, adapter_path
 from .adapter_admin import AdapterAdmin, ServeSettings
 from .admin import install
@@ -16,7 +18,6 @@ GRPC_GRACE_SECONDS = 10
 
 # engine defaults for multi-adapter serving (vLLM's own default is one LoRA slot); explicit flags win
 ENGINE_DEFAULTS = {"--max-loras": "16", "--max-lora-rank": "64", "--max-cpu-loras": "64"}
-MODES = ("convert", "native")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port on --host (0: no gRPC server)")
     parser.add_argument("--api-key", help="required (Authorization: Bearer) for admin routes")
     parser.add_argument("--protect-all", action="store_true", help="require --api-key for every /v1 route")
-    parser.add_argument("--mode", choices=MODES, default=os.environ.get("TENFOLD_MODE", "convert"),
-                        help="execution path; 'native' arrives with tenfold's native kernels")
+    parser.add_argument("--mode", choices=MODES, default=os.environ.get(MODE_ENV, "native"),
+                        help="execution path: native (tenfold's factorized kernels, every family; the default) or "
+                             "convert (exactly-low-rank families as LoRA on vLLM's kernels); sets TENFOLD_MODE")
 
 
 def static_adapters(specs: list[str]) -> list[tuple[str, str]]:
@@ -63,15 +65,12 @@ def vllm_argv(args, passthrough: list[str]) -> list[str]:
 
 
 def run(args, passthrough: list[str]) -> int:
-    if args.mode == "native":
-        raise SystemExit("tenfold serve: --mode native is not available yet (it arrives with tenfold's native "
-                         "factorized kernels); use --mode convert")
     if args.adapter_root is not None:
         if not args.adapter_root.is_dir():
             raise SystemExit(f"tenfold serve: --adapter-root {args.adapter_root} is not a directory")
         os.environ[ROOT_ENV] = str(args.adapter_root.resolve())
     os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # load/unload at runtime, resolver on first use
-    os.environ["TENFOLD_MODE"] = args.mode
+    os.environ[MODE_ENV] = args.mode  # read by every vLLM process the engine spawns
 
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser

@@ -1,0 +1,15 @@
+"""Per-family slot tables and layer applies of the native path (one file per family)."""
+
+from .base import Bucket, LayerCall
+from .bat import BatBucket
+from .bottleneck import BottleneckBucket
+from .lorta import LoRTABucket
+from .lowrank import LowRankBucket
+from .miss import MissBucket
+
+BUCKETS: dict[str, type[Bucket]] = {
+    "lora": LowRankBucket, "loretta_rep": LowRankBucket, "lorta": LoRTABucket, "miss": MissBucket,
+    "bat": BatBucket, "loretta_adp": BottleneckBucket,
+}
+
+__all__ = ["BUCKETS", "Bucket", "LayerCall"]

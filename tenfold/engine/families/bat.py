@@ -1,0 +1,38 @@
+"""Bat: per (layer, module) one D_i [r, r] per output block; the apply makes a second pass over the frozen weight,
+for the bucket's tokens only."""
+
+from __future__ import annotations
+
+from ...adapters.base import key_name
+from ...kernels.bat import bat_apply, bat_transform
+from .base import Bucket
+
+
+class BatBucket(Bucket):
+    family = "bat"
+
+    def __init__(self, signature, spec, dtype, device):
+        super().__init__(signature, spec, dtype, device)
+        _, self.rank, targets = signature
+        self._targets = frozenset(targets)
+
+    @classmethod
+    def signature_of(cls, adapter):
+        return "bat", adapter.rank, tuple(adapter.targets)
+
+    def row_tensors(self, adapter):
+        return {f"D.{key_name(key)}": adapter.block(key) for key in adapter.targets}
+
+    def adapts(self, layer, module):
+        return (layer, module) in self._targets
+
+    def apply(self, call, group):
+        targeted = [m for m in call.modules if (call.layer, m) in self._targets]
+        if not targeted:
+            return
+        x = group.gather(call.x_compute)
+        for m in targeted:
+            z = bat_transform(x, self.rows(f"D.{key_name((call.layer, m))}", group))
+            z = z.reshape(-1, *z.shape[2:]).index_select(0, group.positions)  # the real tokens only
+            dy = bat_apply(z, call.weight_of(m))
+            call.output[:, call.modules[m]].index_add_(0, group.tokens, dy.to(call.output.dtype))

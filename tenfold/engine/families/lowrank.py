@@ -1,0 +1,49 @@
+"""lora and loretta_rep: per (layer, module) A [in, r] and B [r, out] at the adapter's own rank.
+
+loretta_rep's TT cores are contracted once, when the adapter takes a slot: applying the contracted factors is two
+small matmuls per chunk, while contracting the cores per token costs one op per core and module on every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...adapters.base import key_name
+from ...kernels.lowrank import lowrank_expand, lowrank_shrink
+from .base import Bucket
+
+
+class LowRankBucket(Bucket):
+    family = "lowrank"
+
+    def __init__(self, signature, spec, dtype, device):
+        super().__init__(signature, spec, dtype, device)
+        _, self.rank, targets = signature
+        self._targets = frozenset(targets)
+
+    @classmethod
+    def signature_of(cls, adapter):
+        # a LoRA may use a different rank per module: the bucket takes the largest
+        rank = max(adapter.factors(k)[0].shape[0] for k in adapter.targets) if adapter.family == "lora" else adapter.rank
+        return "lowrank", rank, tuple(adapter.targets)
+
+    def row_tensors(self, adapter):
+        tensors = {}
+        for key in adapter.targets:
+            a, b = adapter.lora_factors(key)  # A [r, in], B [out, r] with the scaling folded in
+            pad = self.rank - a.shape[0]      # modules of lower rank are zero-padded (exact)
+            tensors[f"A.{key_name(key)}"] = torch.nn.functional.pad(a.t(), (0, pad))
+            tensors[f"B.{key_name(key)}"] = torch.nn.functional.pad(b.t(), (0, 0, 0, pad))
+        return tensors
+
+    def adapts(self, layer, module):
+        return (layer, module) in self._targets
+
+    def apply(self, call, group):
+        x = group.gather(call.x_compute)
+        for module in call.modules:
+            if (call.layer, module) not in self._targets:
+                continue
+            name = key_name((call.layer, module))
+            h = lowrank_shrink(x, self.rows(f"A.{name}", group))
+            call.add(module, group, lowrank_expand(h, self.rows(f"B.{name}", group)))

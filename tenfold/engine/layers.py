@@ -1,0 +1,115 @@
+"""tenfold's layer wrappers for the native path: vLLM's own LoRA linear wrappers (their forward, bias and
+tensor-parallel handling kept) with the dense per-slot buffers and punica ops replaced by the slot store.
+
+They are prepended to `vllm.lora.utils._all_lora_classes` and claim a layer only in native mode. After vLLM built
+them, the model-manager hook binds each one to the native state with its layer index and sub-modules (q/k/v of a
+fused qkv_proj, gate/up of gate_up_proj).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallelLinearWithLoRA,
+                              MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA, ReplicatedLinearWithLoRA,
+                              RowParallelLinearWithLoRA)
+
+from .families import LayerCall
+from .mode import execution_mode
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class NativeAdapterMixin:
+    """Replaces the LoRA buffers and ops of the vLLM wrapper it is mixed into."""
+
+    @classmethod
+    def can_replace_layer(cls, source_layer, lora_config, packed_modules_list, model_config=None) -> bool:
+        return execution_mode() == "native" and super().can_replace_layer(
+            source_layer=source_layer, lora_config=lora_config, packed_modules_list=packed_modules_list,
+            model_config=model_config)
+
+    def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+        # No per-slot buffers: adapters live in the slot store at their own size.
+        if self.tp_size > 1:
+            raise ValueError(f"tenfold's native mode does not shard adapters across tensor-parallel ranks yet "
+                             f"(tensor_parallel_size={self.tp_size}); serve with TENFOLD_MODE=convert")
+        self.lora_config = lora_config
+        if "output_slices" not in self.__dict__:
+            self.output_slices = (self.output_size,)
+        self._native = None
+        self._frozen_weights: dict[str, torch.Tensor] = {}
+
+    def reset_lora(self, index: int) -> None:
+        pass  # the slot store owns slot contents
+
+    def set_lora(self, index, lora_a, lora_b) -> None:
+        raise RuntimeError("tenfold native wrappers take adapters from the slot store, not as LoRA tensors")
+
+    def bind_native(self, state, module_name: str, sub_modules: list[str]) -> None:
+        match = _LAYER.search(module_name)
+        if match is None:
+            raise ValueError(f"tenfold native mode: cannot tell the decoder layer of {module_name!r}")
+        if len(sub_modules) != len(self.output_slices):
+            raise ValueError(f"tenfold native mode: {module_name} packs {sub_modules} but has "
+                             f"{len(self.output_slices)} output slices")
+        self._native, self.layer_index = state, int(match.group(1))
+        starts = [sum(self.output_slices[:i]) for i in range(len(self.output_slices))]
+        self.sub_modules = {m: slice(s, s + n) for m, s, n in zip(sub_modules, starts, self.output_slices)}
+
+    def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if self._native is None:
+            return output
+        buckets = [(bucket, group) for bucket, group in self._native.plan(x.shape[-2] if x.ndim == 3 else x.shape[0])
+                   if any(bucket.adapts(self.layer_index, m) for m in self.sub_modules)]
+        if not buckets:
+            return output
+        shape = output.shape
+        x2, out2 = (x.flatten(0, 1), output.flatten(0, 1)) if output.ndim == 3 else (x, output)
+        call = LayerCall(self.layer_index, self.sub_modules, x2, out2, self._native.store.dtype, self._frozen_weight)
+        for bucket, group in buckets:
+            bucket.apply(call, group)
+        return out2.reshape(shape)
+
+    def _frozen_weight(self, module: str) -> torch.Tensor:
+        """The frozen weight rows [out_m, in] of one sub-module in the compute dtype, for bat's second pass and adp's
+        pre-adapters; kept after first use. vLLM's CPU backend repacks linear weights for oneDNN and drops the
+        originals, so they are read back through the layer's own GEMM on an identity matrix (exact: one non-zero
+        product per output)."""
+        if module not in self._frozen_weights:
+            weight = getattr(self.base_layer, "weight", None)
+            if weight is None or weight.dim() != 2 or weight.shape[0] != sum(self.output_slices):
+                with torch.no_grad():
+                    eye = torch.eye(self.input_size, dtype=self.base_layer.params_dtype, device=self.device)
+                    weight = self._get_quant_method().apply(self.base_layer, eye, None).t()
+            self._frozen_weights[module] = weight[self.sub_modules[module]].detach().to(self._native.store.dtype)
+        return self._frozen_weights[module]
+
+
+class NativeColumnParallelLinear(NativeAdapterMixin, ColumnParallelLinearWithLoRA):
+    pass
+
+
+class NativeMergedColumnParallelLinear(NativeAdapterMixin, MergedColumnParallelLinearWithLoRA):
+    pass
+
+
+class NativeQKVParallelLinear(NativeAdapterMixin, QKVParallelLinearWithLoRA):
+    pass
+
+
+class NativeMergedQKVParallelLinear(NativeAdapterMixin, MergedQKVParallelLinearWithLoRA):
+    pass
+
+
+class NativeRowParallelLinear(NativeAdapterMixin, RowParallelLinearWithLoRA):
+    pass
+
+
+class NativeReplicatedLinear(NativeAdapterMixin, ReplicatedLinearWithLoRA):
+    pass
+
+
+NATIVE_LAYER_CLASSES = (NativeColumnParallelLinear, NativeMergedColumnParallelLinear, NativeQKVParallelLinear,
+                        NativeMergedQKVParallelLinear, NativeRowParallelLinear, NativeReplicatedLinear)

@@ -1,0 +1,37 @@
+"""The native path's state for one served model: the slot store and the current step's batch plan.
+
+Created beside vLLM's LoRA model manager in each worker; every tenfold layer wrapper holds it. The plan is rebuilt
+only when vLLM's token -> slot mapping, the slot contents or the token count changed, so all layers of a step share
+one grouping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch_plan import BucketGroup, plan_batch
+from .families import Bucket
+from .slots import SlotStore
+
+
+class NativeState:
+    def __init__(self, store: SlotStore, punica_wrapper):
+        self.store = store
+        self.punica_wrapper = punica_wrapper
+        self._mapping_version = 0
+        self._plan_key = None
+        self._plan: list[tuple[Bucket, BucketGroup]] = []
+
+    def mapping_changed(self) -> None:
+        self._mapping_version += 1
+
+    def plan(self, num_tokens: int) -> list[tuple[Bucket, BucketGroup]]:
+        key = (self._mapping_version, self.store.version, num_tokens)
+        if key != self._plan_key:
+            indices = self.punica_wrapper.token_lora_indices[:num_tokens].cpu()
+            if indices.numel() < num_tokens:  # rows beyond the mapping (padding) run the base model
+                indices = torch.cat([indices, indices.new_full((num_tokens - indices.numel(),), -1)])
+            groups = plan_batch(indices, self.store.bucket_of_slot, self.store.row_of_slot)
+            self._plan = [(self.store.buckets[b], g.to(self.store.device)) for b, g in groups]
+            self._plan_key = key
+        return self._plan

@@ -1,0 +1,122 @@
+"""The native path's slot store, batch plan and per-family applies, without vLLM: a fused layer (q/k/v, gate/up,
+o, down) applied to a batch mixing base rows and many adapters of every family equals each adapter's own reference
+apply (`Adapter.apply`, the math the HuggingFace tests check) row by row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapter_cases import CASES, make
+from tenfold.engine.batch_plan import plan_batch
+from tenfold.engine.families import LayerCall
+from tenfold.engine.slots import SlotStore
+
+FUSED = {"qkv": ["q_proj", "k_proj", "v_proj"], "o": ["o_proj"], "gate_up": ["gate_proj", "up_proj"],
+         "down": ["down_proj"]}
+
+
+def frozen_layer(spec, modules, generator):
+    """Random frozen weights of one fused layer: {module: nn.Linear}, the fused weight and each module's columns."""
+    linears, slices, start = {}, {}, 0
+    for m in modules:
+        fan_in, fan_out = spec.module_shape(m)
+        linear = torch.nn.Linear(fan_in, fan_out, bias=False)
+        linear.weight.data = torch.randn(fan_out, fan_in, generator=generator) * 0.05
+        linears[m], slices[m] = linear, slice(start, start + fan_out)
+        start += fan_out
+    return linears, slices, torch.cat([linears[m].weight for m in modules])
+
+
+def native_forward(store, slot_of_token, layer, modules, x, linears, slices, fused_weight):
+    output = x @ fused_weight.t()
+    plan = plan_batch(slot_of_token, store.bucket_of_slot, store.row_of_slot)
+    call = LayerCall(layer, slices, x, output, torch.float32, lambda m: fused_weight[slices[m]])
+    for bucket_id, group in plan:
+        bucket = store.buckets[bucket_id]
+        if any(bucket.adapts(layer, m) for m in modules):
+            bucket.apply(call, group)
+    return output
+
+
+def reference_forward(adapters_by_slot, slot_of_token, layer, modules, x, linears):
+    rows = []
+    for t, slot in enumerate(slot_of_token.tolist()):
+        adapter = adapters_by_slot.get(slot)
+        parts = []
+        for m in modules:
+            if adapter is None or (layer, m) not in adapter.targets:
+                parts.append(linears[m](x[t:t + 1]))
+            else:
+                parts.append(adapter.apply((layer, m), x[t:t + 1], linears[m]))
+        rows.append(torch.cat(parts, -1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("skewed", [False, True], ids=["uniform", "one-popular-adapter"])
+def test_mixed_batch_of_every_family_equals_each_adapters_reference(model_name, specs, skewed):
+    spec = specs[model_name]
+    g = torch.Generator().manual_seed(11 + skewed)
+    cases = sorted(CASES)
+    num_slots = 2 * len(cases) + 3  # some slots stay empty
+    store = SlotStore(spec, num_slots, torch.float32, torch.device("cpu"))
+    adapters_by_slot = {}
+    for i, case in enumerate(cases * 2):  # two adapters of every case, in scattered slots
+        slot = (7 * i) % num_slots
+        adapter = make(case, spec, seed=300 + i)
+        adapter.validate(spec)
+        store.assign(slot, adapter)
+        adapters_by_slot[slot] = adapter
+    tokens = 97
+    slot_of_token = torch.randint(-1, num_slots, (tokens,), generator=g)
+    if skewed:
+        slot_of_token[: tokens // 2] = 0
+    with torch.no_grad():
+        for layer in range(spec.num_layers):
+            for modules in FUSED.values():
+                linears, slices, fused_weight = frozen_layer(spec, modules, g)
+                x = torch.randn(tokens, spec.module_shape(modules[0])[0], generator=g)
+                got = native_forward(store, slot_of_token, layer, modules, x, linears, slices, fused_weight)
+                want = reference_forward(adapters_by_slot, slot_of_token, layer, modules, x, linears)
+                assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (layer, modules, (got - want).abs().max())
+                base_rows = (slot_of_token < 0) | (store.bucket_of_slot[slot_of_token.clamp(min=0)] < 0)
+                assert torch.equal(got[base_rows], x[base_rows] @ fused_weight.t()), "base rows must be untouched"
+
+
+def test_a_reused_slot_serves_its_new_adapter_and_idle_buckets_free_their_tables(specs):
+    spec = specs["gqa"]
+    store = SlotStore(spec, 4, torch.float32, torch.device("cpu"))
+    bat, miss = make("bat", spec, seed=1), make("miss", spec, seed=2)
+    for adapter in (bat, miss):
+        adapter.validate(spec)
+    store.assign(0, bat)
+    assert store.table_bytes() > 0
+    store.assign(0, miss)  # the slot that held bat now holds miss: bat's bucket is empty and gone
+    assert {b.family for b in store.buckets.values()} == {"miss"}
+    g = torch.Generator().manual_seed(3)
+    linears, slices, fused_weight = frozen_layer(spec, FUSED["qkv"], g)
+    x = torch.randn(5, spec.hidden_size, generator=g)
+    slot_of_token = torch.tensor([0, -1, 0, 0, -1])
+    got = native_forward(store, slot_of_token, 1, FUSED["qkv"], x, linears, slices, fused_weight)
+    want = reference_forward({0: miss}, slot_of_token, 1, FUSED["qkv"], x, linears)
+    assert torch.allclose(got, want, atol=2e-5, rtol=1e-4)
+    store.release(0)
+    assert store.table_bytes() == 0 and not store.buckets
+
+
+def test_tables_grow_with_activations_and_rows_are_reused_lowest_first(specs):
+    spec = specs["mha"]
+    store = SlotStore(spec, 1024, torch.float32, torch.device("cpu"))
+    assert store.table_bytes() == 0, "an engine with 1024 slots reserves no adapter memory up front"
+    adapters = [make("lorta_heads_out", spec, seed=i) for i in range(5)]
+    for slot, adapter in zip((900, 3, 500, 77, 1), adapters):
+        adapter.validate(spec)
+        store.assign(slot, adapter)
+    (bucket,) = store.buckets.values()
+    assert bucket.capacity == 8 and sorted(store.row_of_slot[[900, 3, 500, 77, 1]].tolist()) == [0, 1, 2, 3, 4]
+    row_bytes = bucket.bytes_per_row()
+    assert row_bytes == sum(t.numel() * 4 for t in bucket.row_tensors(adapters[0]).values())
+    assert row_bytes < 64 * 1024, "a LoRTA slot holds the adapter's factors: kilobytes"
+    store.release(500)
+    store.assign(42, adapters[2])
+    assert int(store.row_of_slot[42]) == int(2), "the released row is reused first"
