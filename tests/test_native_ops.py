@@ -36,6 +36,7 @@ def native_forward(store, slot_of_token, layer, modules, x, linears, slices, fus
         bucket = store.buckets[bucket_id]
         if any(bucket.adapts(layer, m) for m in modules):
             bucket.apply(call, group)
+            call.commit(group)
     return output
 
 

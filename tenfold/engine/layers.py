@@ -70,6 +70,7 @@ class NativeAdapterMixin:
         call = LayerCall(self.layer_index, self.sub_modules, x2, out2, self._native.store.dtype, self._frozen_weight)
         for bucket, group in buckets:
             bucket.apply(call, group)
+            call.commit(group)
         return out2.reshape(shape)
 
     def _frozen_weight(self, module: str) -> torch.Tensor:

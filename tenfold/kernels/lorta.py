@@ -1,6 +1,7 @@
 """LoRTA apply: one shared shrink per token, then a per-(layer, matrix) scaled, head-structured expand.
 
-heads_out (heads index the output rows): u = x A [r], shared by q, k and v; dy_h = (u * c_lm * C_h[h]) B.
+heads_out (heads index the output rows): u = x A [r], shared by q, k and v; dy_h = (u * c_lm * C_h[h]) B, one
+batched matmul for all heads of q, k and v together (the fused qkv output is their heads side by side).
 heads_in (heads index the input columns): u = sum_h C_h[h] * (B x_h) [r], shared by q, k and v; dy = (u * c_lm) A^T.
 c_lm = C_l[layer] * C_m[matrix] * alpha / r. For grouped-query k/v the head factors arrive group-averaged.
 """
@@ -23,10 +24,11 @@ def lorta_shrink_heads_in(x: torch.Tensor, b_t: torch.Tensor, c_h: torch.Tensor)
     return (per_head * c_h[:, None]).sum(2)
 
 
-def lorta_expand_heads_out(u: torch.Tensor, c_lm: torch.Tensor, heads: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """u [C, G, r], c_lm [C, r], head factors [C, n_heads, r], B [C, r, d_h] -> [C, G, n_heads * d_h]."""
+def lorta_expand_heads_out(u: torch.Tensor, head_weights: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """u [C, G, r], head weights c_lm * C_h [C, n_heads, r] (heads of one or several matrices), B [C, r, d_h]
+    -> [C, G, n_heads * d_h]."""
     chunks, rows, rank = u.shape
-    scaled = (u * c_lm[:, None])[:, :, None, :] * heads[:, None]  # [C, G, n_heads, r]
+    scaled = u[:, :, None, :] * head_weights[:, None]  # [C, G, n_heads, r]
     return torch.bmm(scaled.reshape(chunks, -1, rank), b).view(chunks, rows, -1)
 
 

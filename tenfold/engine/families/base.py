@@ -22,7 +22,9 @@ from ..batch_plan import BucketGroup
 
 @dataclass
 class LayerCall:
-    """One wrapped linear layer's forward, as the buckets see it."""
+    """One wrapped linear layer's forward, as the buckets see it. A bucket's apply adds per-module deltas for its
+    group's tokens; `commit` then writes them into the output with one row-wise index_add over the full width
+    (an index_add into a column slice of the output takes a slow scatter path)."""
 
     layer: int
     modules: dict[str, slice]           # sub-module name -> its columns in the layer's output (q/k/v, gate/up)
@@ -31,6 +33,7 @@ class LayerCall:
     compute_dtype: torch.dtype
     weight_of: callable                 # module name -> frozen weight rows [out_m, in] in compute_dtype (bat, adp)
     _x_compute: torch.Tensor | None = field(default=None, repr=False)
+    _pending: dict = field(default_factory=dict, repr=False)
 
     @property
     def x_compute(self) -> torch.Tensor:
@@ -39,7 +42,30 @@ class LayerCall:
         return self._x_compute
 
     def add(self, module: str, group: BucketGroup, padded_delta: torch.Tensor) -> None:
-        group.scatter_add(self.output[:, self.modules[module]], padded_delta)
+        """Delta of one sub-module in the padded [C, G, out_m] layout."""
+        self._pending[module] = padded_delta.reshape(-1, padded_delta.shape[-1]).index_select(0, group.positions)
+
+    def add_rows(self, module: str, rows: torch.Tensor) -> None:
+        """Delta of one sub-module, one row per token of the group, in the group's token order."""
+        self._pending[module] = rows
+
+    def add_fused(self, group: BucketGroup, padded_delta: torch.Tensor) -> None:
+        """Delta of every sub-module at once, [C, G, out] in the layer's output layout."""
+        self._pending[None] = padded_delta.reshape(-1, padded_delta.shape[-1]).index_select(0, group.positions)
+
+    def commit(self, group: BucketGroup) -> None:
+        if not self._pending:
+            return
+        if None in self._pending:
+            delta = self._pending[None]
+        else:
+            n = group.tokens.numel()
+            parts = [self._pending.get(m) for m in self.modules]
+            parts = [p if p is not None else self.output.new_zeros(n, s.stop - s.start, dtype=self.compute_dtype)
+                     for p, s in zip(parts, self.modules.values())]
+            delta = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        self.output.index_add_(0, group.tokens, delta.to(self.output.dtype))
+        self._pending.clear()
 
 
 class Bucket(ABC):

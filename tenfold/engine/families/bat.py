@@ -34,5 +34,4 @@ class BatBucket(Bucket):
         for m in targeted:
             z = bat_transform(x, self.rows(f"D.{key_name((call.layer, m))}", group))
             z = z.reshape(-1, *z.shape[2:]).index_select(0, group.positions)  # the real tokens only
-            dy = bat_apply(z, call.weight_of(m))
-            call.output[:, call.modules[m]].index_add_(0, group.tokens, dy.to(call.output.dtype))
+            call.add_rows(m, bat_apply(z, call.weight_of(m)))

@@ -61,8 +61,7 @@ class BottleneckBucket(Bucket):
             if PLACEMENT[m] == "pre":
                 a = self._adapter_output(name, x, group)
                 a = a.reshape(-1, a.shape[-1]).index_select(0, group.positions)
-                dy = a @ call.weight_of(m).t()
-                call.output[:, call.modules[m]].index_add_(0, group.tokens, dy.to(call.output.dtype))
+                call.add_rows(m, a @ call.weight_of(m).t())
             else:  # post: the module's whole output is the adapter's input
                 y = group.gather(call.output[:, call.modules[m]].to(call.compute_dtype))
                 call.add(m, group, self._adapter_output(name, y, group))

@@ -8,6 +8,8 @@ once per layer call and reused by q, k and v.
 
 from __future__ import annotations
 
+import torch
+
 from ...adapters.lorta.family import MATRICES
 from ...kernels.lorta import (lorta_expand_heads_in, lorta_expand_heads_out, lorta_shrink_heads_in,
                               lorta_shrink_heads_out)
@@ -48,9 +50,15 @@ class LoRTABucket(Bucket):
         if self.orientation == "heads_out":
             u = lorta_shrink_heads_out(x, self.rows("A", group))
             b = self.rows("B", group)
-            for m in targeted:
-                heads = self.rows("C_h_kv" if m in ("k_proj", "v_proj") else "C_h", group)
-                call.add(m, group, lorta_expand_heads_out(u, c_lm[:, MATRICES.index(m)], heads, b))
+            weights = {m: self.rows("C_h_kv" if m in ("k_proj", "v_proj") else "C_h", group)
+                       * c_lm[:, MATRICES.index(m), None, :] for m in targeted}
+            if len(targeted) == len(call.modules):  # every sub-module: one expand over all their heads
+                head_weights = torch.cat([weights[m] for m in call.modules], 1) if len(targeted) > 1 else weights[
+                    targeted[0]]
+                call.add_fused(group, lorta_expand_heads_out(u, head_weights, b))
+            else:
+                for m in targeted:
+                    call.add(m, group, lorta_expand_heads_out(u, weights[m], b))
         else:
             u = lorta_shrink_heads_in(x, self.rows("B_t", group), self.rows("C_h", group))
             for m in targeted:
