@@ -133,3 +133,18 @@ class Bucket(ABC):
 
     def rows(self, name: str, group: BucketGroup) -> torch.Tensor:
         return group.rows_of(self.tables[name])
+
+
+class PerModuleBucket(Bucket):
+    """A family with factors per (layer, module): the last item of its signature is the adapter's targets."""
+
+    def __init__(self, signature: tuple, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+        super().__init__(signature, spec, dtype, device)
+        self._targets = frozenset(signature[-1])
+
+    def adapts(self, layer: int, module: str) -> bool:
+        return (layer, module) in self._targets
+
+    def targeted(self, call: LayerCall) -> list[str]:
+        """The call's sub-modules this bucket changes, in output order."""
+        return [m for m in call.modules if (call.layer, m) in self._targets]

@@ -5,29 +5,22 @@ from __future__ import annotations
 
 from ...adapters.base import key_name
 from ...kernels.bat import bat_apply, bat_transform
-from .base import Bucket
+from .base import PerModuleBucket
+from .miss import block_rows
 
 
-class BatBucket(Bucket):
+class BatBucket(PerModuleBucket):
     family = "bat"
-
-    def __init__(self, signature, spec, dtype, device):
-        super().__init__(signature, spec, dtype, device)
-        _, self.rank, targets = signature
-        self._targets = frozenset(targets)
 
     @classmethod
     def signature_of(cls, adapter):
         return "bat", adapter.rank, tuple(adapter.targets)
 
     def row_tensors(self, adapter):
-        return {f"D.{key_name(key)}": adapter.block(key) for key in adapter.targets}
-
-    def adapts(self, layer, module):
-        return (layer, module) in self._targets
+        return block_rows(adapter)
 
     def apply(self, call, group):
-        targeted = [m for m in call.modules if (call.layer, m) in self._targets]
+        targeted = self.targeted(call)
         if not targeted:
             return
         x = group.gather(call.x_compute)

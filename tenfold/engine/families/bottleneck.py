@@ -15,16 +15,15 @@ from transformers.activations import ACT2FN
 from ...adapters.base import key_name
 from ...adapters.loretta_adp.family import PLACEMENT
 from ...kernels.bottleneck import bottleneck
-from .base import Bucket
+from .base import PerModuleBucket
 
 
-class BottleneckBucket(Bucket):
+class BottleneckBucket(PerModuleBucket):
     family = "loretta_adp"
 
     def __init__(self, signature, spec, dtype, device):
         super().__init__(signature, spec, dtype, device)
-        _, self.bottleneck_size, non_linearity, targets = signature
-        self._targets = frozenset(targets)
+        _, self.bottleneck_size, non_linearity, _ = signature
         self._act = ACT2FN[non_linearity]
 
     @classmethod
@@ -44,16 +43,13 @@ class BottleneckBucket(Bucket):
             })
         return tensors
 
-    def adapts(self, layer, module):
-        return (layer, module) in self._targets
-
     def _adapter_output(self, name, z, group):
         return bottleneck(z, self.rows(f"Wd.{name}", group), self.rows(f"bd.{name}", group),
                           self.rows(f"Wu.{name}", group), self.rows(f"bu.{name}", group),
                           self.rows(f"s.{name}", group), self._act)
 
     def apply(self, call, group):
-        targeted = [m for m in call.modules if (call.layer, m) in self._targets]
+        targeted = self.targeted(call)
         pre = [m for m in targeted if PLACEMENT[m] == "pre"]
         x = group.gather(call.x_compute) if pre else None
         for m in targeted:

@@ -10,16 +10,15 @@ import torch
 
 from ...adapters.base import key_name
 from ...kernels.lowrank import lowrank_expand, lowrank_shrink
-from .base import Bucket
+from .base import PerModuleBucket
 
 
-class LowRankBucket(Bucket):
+class LowRankBucket(PerModuleBucket):
     family = "lowrank"
 
     def __init__(self, signature, spec, dtype, device):
         super().__init__(signature, spec, dtype, device)
-        _, self.rank, targets = signature
-        self._targets = frozenset(targets)
+        self.rank = signature[1]
 
     @classmethod
     def signature_of(cls, adapter):
@@ -36,14 +35,9 @@ class LowRankBucket(Bucket):
             tensors[f"B.{key_name(key)}"] = torch.nn.functional.pad(b.t(), (0, 0, 0, pad))
         return tensors
 
-    def adapts(self, layer, module):
-        return (layer, module) in self._targets
-
     def apply(self, call, group):
         x = group.gather(call.x_compute)
-        for module in call.modules:
-            if (call.layer, module) not in self._targets:
-                continue
+        for module in self.targeted(call):
             name = key_name((call.layer, module))
             h = lowrank_shrink(x, self.rows(f"A.{name}", group))
             call.add(module, group, lowrank_expand(h, self.rows(f"B.{name}", group)))

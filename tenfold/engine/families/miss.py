@@ -8,29 +8,30 @@ from __future__ import annotations
 
 from ...adapters.base import key_name
 from ...kernels.miss import miss_expand, miss_shrink
-from .base import Bucket
+from .base import PerModuleBucket
 
 
-class MissBucket(Bucket):
+def block_rows(adapter) -> dict:
+    """One table per (layer, module): the module's miss_block (MiSS D or mini block, Bat's D_i stack)."""
+    return {f"D.{key_name(key)}": adapter.block(key) for key in adapter.targets}
+
+
+class MissBucket(PerModuleBucket):
     family = "miss"
 
     def __init__(self, signature, spec, dtype, device):
         super().__init__(signature, spec, dtype, device)
-        _, self.rank, self.variant, self.mini_r, targets = signature
-        self._targets = frozenset(targets)
+        _, self.rank, self.variant, self.mini_r, _ = signature
 
     @classmethod
     def signature_of(cls, adapter):
         return "miss", adapter.rank, adapter.config["variant"], adapter.config.get("mini_r"), tuple(adapter.targets)
 
     def row_tensors(self, adapter):
-        return {f"D.{key_name(key)}": adapter.block(key) for key in adapter.targets}
-
-    def adapts(self, layer, module):
-        return (layer, module) in self._targets
+        return block_rows(adapter)
 
     def apply(self, call, group):
-        targeted = [m for m in call.modules if (call.layer, m) in self._targets]
+        targeted = self.targeted(call)
         if not targeted:
             return
         u = group.gather(miss_shrink(call.x_compute, self.rank))
