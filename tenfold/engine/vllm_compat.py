@@ -335,7 +335,8 @@ def _patch_native_execution() -> None:
         for name, module in wrappers.items():
             suffix = name.rsplit(".", 1)[-1]
             module.bind_native(self._tenfold_native, name, self.packed_modules_mapping.get(suffix) or [suffix])
-        logger.info("tenfold native mode: %d slots, %d layers wrapped; no per-slot buffers are reserved (%d bytes of "
+        # under vLLM's logger namespace, so it reaches vLLM's start-up log
+        logging.getLogger("vllm.tenfold").info("tenfold native mode: %d slots, %d layers wrapped; no per-slot buffers are reserved (%d bytes of "
                     "slot index per slot); each adapter's row is allocated at its own size when it takes a slot",
                     self.lora_slots, len(wrappers), store.index_bytes_per_slot())
 
