@@ -12,14 +12,10 @@ Every request batch is submitted in one `llm.generate` call, adapters round-robi
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import platform
 import random
-import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -29,26 +25,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tenfold.bench.report import error_lines
+from tenfold.bench.workload import (BENCH_MODEL, CPU_ENV, FAMILY_SETTINGS, adapter_info, build_model, machine_info,
+                                    synth_adapters, vllm_lora_rank)
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODES = ("base,vllm-lora,native:lorta,native:miss,native:lora,native:loretta_rep,native:loretta_adp,"
                  "native:bat")
-CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-           "HF_HUB_OFFLINE": "1"}
-MODEL = dict(hidden_size=512, num_heads=8, num_kv_heads=8, num_layers=8, intermediate_size=1376, vocab_size=512)
 # bfloat16 is the issue's setting, but a CPU without AVX-512 (this machine: AVX2 only) emulates bf16 GEMMs: the base
 # model runs ~10x slower than in float32 and vLLM's LoRA ops in bf16 time out (RPC timeout after minutes per step).
 DTYPES = ("float32", "bfloat16")
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# typical sizes per family; anything not named here is the family's `create` default
-FAMILY_SETTINGS = {
-    "lora": dict(target_modules=ALL_LINEAR, r=16),
-    "lorta": dict(r=16),  # q, k, v, o
-    "miss": dict(target_modules=ALL_LINEAR, r=16),
-    "loretta_rep": dict(r=8),
-    "loretta_adp": dict(bottleneck_size=64),
-    "bat": dict(target_modules=["q_proj", "v_proj"], r=16),
-}
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
 CHILD_TIMEOUT_S = 3600
 
 
@@ -64,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="served model dtype; adapters are stored in it too, as they would be shipped")
     parser.add_argument("--max-loras", type=int, default=None, help="adapter slots (default: --adapters)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run vLLM's engine core inside the benchmark process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/native_throughput_cpu.json")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tenfold/bench").expanduser())
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # internal: run one mode from this spec file
@@ -91,71 +79,9 @@ def mode_family(mode: str) -> str | None:
     return "lora" if mode == "vllm-lora" else mode.partition(":")[2]
 
 
-# --- preparation (parent process) ----------------------------------------------------------------------------------
-
-def build_model(cache_dir: Path) -> Path:
-    from tenfold.tiny_llama import TinyLlamaConfig, build_tiny_llama
-
-    return build_tiny_llama(cache_dir / "model", REPO / "tenfold/data/demo_corpus.txt", TinyLlamaConfig(**MODEL))
-
-
-def build_adapters(family: str, peft: bool, count: int, model_dir: Path, cache_dir: Path, dtype: str) -> list[Path]:
-    """`count` random adapters (non-zero factors, distinct seeds) in tenfold's format, or as PEFT LoRA directories
-    when `peft`; cached under a key of every setting, so a rerun reuses them."""
-    import torch
-
-    from tenfold.adapters import FAMILIES, ModelSpec, save_adapter
-    from tenfold.adapters.convert import convert_to_lora
-
-    settings = {"family": family, "create": FAMILY_SETTINGS[family], "dtype": dtype,
-                "format": "peft" if peft else "tenfold",
-                "model": json.loads((model_dir / "tenfold_tiny_llama.json").read_text())}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    root = cache_dir / "adapters" / f"{family}-{settings['format']}-{key}"
-    paths = [root / f"{family}-{i}" for i in range(count)]
-    if all((p / "adapter_config.json").is_file() for p in paths):
-        return paths
-    spec = ModelSpec.from_pretrained(model_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for seed, path in enumerate(paths):
-        if (path / "adapter_config.json").is_file():
-            continue
-        adapter = FAMILIES[family].create(spec, **FAMILY_SETTINGS[family], init="random", seed=1000 + seed,
-                                          dtype=getattr(torch, dtype))
-        # written aside and renamed when complete: a cut run never leaves half an adapter, and a concurrent run
-        # building the same cache entry never sees one
-        tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if peft:
-            convert_to_lora(adapter, tmp, str(model_dir))
-        else:
-            save_adapter(adapter, tmp)
-        try:
-            tmp.rename(path)
-        except OSError:  # another run finished the same adapter first
-            shutil.rmtree(tmp)
-    return paths
-
-
-def adapter_info(path: Path) -> dict:
-    from tenfold.adapters import load_adapter
-
-    adapter = load_adapter(path)
-    return {"family": adapter.family, "rank": adapter.rank, "adapter_bytes": adapter.nbytes()}
-
-
 def random_prompts(count: int, length: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, vocab_size) for _ in range(length)] for _ in range(count)]  # ids 0-2 are special
-
-
-def machine_info() -> dict:
-    import torch
-    from vllm.version import __version__ as vllm_version
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "vllm": vllm_version}
 
 
 # --- one mode (child process) ----------------------------------------------------------------------------------------
@@ -170,7 +96,7 @@ def run_mode(spec: dict) -> dict:
                        enable_prefix_caching=False)  # repeats resend the same prompts: no cached prefills
     requests = None
     if spec["adapters"]:
-        lora_rank = next(r for r in LORA_RANKS if r >= spec["rank"])
+        lora_rank = vllm_lora_rank(spec["rank"])
         engine_args.update(enable_lora=True, max_loras=spec["max_loras"], max_lora_rank=lora_rank,
                            max_cpu_loras=max(spec["max_loras"], len(spec["adapters"])))
         loras = [LoRARequest(Path(p).name, i + 1, p) for i, p in enumerate(spec["adapters"])]
@@ -208,6 +134,8 @@ def child_main(spec_path: Path) -> None:
 def run_in_subprocess(mode: str, spec: dict, log_path: Path) -> dict:
     """Run one mode in a fresh interpreter; its vLLM output goes to `log_path`."""
     env = {**CPU_ENV, **os.environ}  # the caller's settings win
+    if spec["in_process"]:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if mode_family(mode) is not None:
         env["TENFOLD_MODE"] = "native" if mode.startswith("native:") else "convert"
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,14 +155,6 @@ def run_in_subprocess(mode: str, spec: dict, log_path: Path) -> dict:
     if "error" in result:
         result["log_errors"] = error_lines(log_path)
     return result
-
-
-def error_lines(log_path: Path, keep: int = 8) -> list[str]:
-    """The last distinct exception lines of a mode's log: vLLM's own error (e.g. EngineDeadError) only points to a
-    root cause raised in the engine-core or worker process, which lands in the log."""
-    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
-    found = [line for line in lines if re.search(r"\b\w+(Error|Exception|Exit)\b:", line)]
-    return list(dict.fromkeys(found))[-keep:]
 
 
 # --- report ----------------------------------------------------------------------------------------------------------
@@ -285,7 +205,8 @@ def main(args) -> None:
     vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
     prompts = random_prompts(args.requests, args.prompt_len, vocab_size)
     base_spec = {"model": str(model_dir), "prompts": prompts, "output_len": args.output_len, "repeats": args.repeats,
-                 "max_model_len": args.prompt_len + args.output_len, "max_loras": args.max_loras, "dtype": args.dtype}
+                 "max_model_len": args.prompt_len + args.output_len, "max_loras": args.max_loras, "dtype": args.dtype,
+                 "in_process": args.in_process}
 
     rows = []
     progress = tqdm(args.modes, desc="modes", unit="mode", file=sys.stderr)
@@ -294,7 +215,8 @@ def main(args) -> None:
         family = mode_family(mode)
         spec, info = {**base_spec, "adapters": [], "rank": None}, {}
         if family is not None:
-            paths = build_adapters(family, mode == "vllm-lora", args.adapters, model_dir, args.cache_dir, args.dtype)
+            paths = synth_adapters(family, args.adapters, model_dir, args.cache_dir, args.dtype,
+                                   lora_form=mode == "vllm-lora")
             info = adapter_info(paths[0])
             spec.update(adapters=[str(p) for p in paths], rank=info["rank"])
         log_path = log_dir / f"{mode.replace(':', '_')}.log"
@@ -308,7 +230,8 @@ def main(args) -> None:
 
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": shlex.join([sys.executable, *sys.argv]), "machine": machine_info(),
-              "settings": {"model": MODEL, "served_dtype": args.dtype, "adapter_dtype": args.dtype,
+              "settings": {"model": BENCH_MODEL, "engine_core_in_process": args.in_process,
+                           "served_dtype": args.dtype, "adapter_dtype": args.dtype,
                            "families": FAMILY_SETTINGS, "adapters": args.adapters, "requests": args.requests,
                            "prompt_len": args.prompt_len, "output_len": args.output_len, "repeats": args.repeats,
                            "max_loras": args.max_loras},

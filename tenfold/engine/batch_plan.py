@@ -22,11 +22,12 @@ class BucketGroup:
     chunk_rows: torch.Tensor  # [C] the bucket's table row used by each chunk
     row_range: slice | None   # chunk_rows as a slice when they are consecutive (tables then need no gather)
     chunk_size: int           # G
+    padding: bool = True      # whether the layout has padding rows (positions is then not simply 0..n-1)
 
     def to(self, device) -> "BucketGroup":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return BucketGroup(move(self.tokens), move(self.positions), move(self.padded), move(self.chunk_rows),
-                           self.row_range, self.chunk_size)
+                           self.row_range, self.chunk_size, self.padding)
 
     @property
     def num_chunks(self) -> int:
@@ -42,10 +43,11 @@ class BucketGroup:
         """Token rows [T, k] -> padded [C, G, k]."""
         return x.index_select(0, self.padded).view(self.num_chunks, self.chunk_size, -1)
 
-    def scatter_add(self, output: torch.Tensor, padded_delta: torch.Tensor) -> None:
-        """output[token] += its padded row, for the bucket's tokens only (padding rows are dropped)."""
-        rows = padded_delta.reshape(-1, padded_delta.shape[-1]).index_select(0, self.positions)
-        output.index_add_(0, self.tokens, rows.to(output.dtype))
+    def real_rows(self, padded: torch.Tensor) -> torch.Tensor:
+        """Padded [C, G, ...] -> [n, ...], one row per token of the group in its token order (padding dropped)."""
+        flat = padded.reshape(-1, *padded.shape[2:])
+        return flat.index_select(0, self.positions) if self.padding else flat
+
 
 
 def group_tokens(tokens: torch.Tensor, rows: torch.Tensor) -> BucketGroup:
@@ -71,7 +73,7 @@ def group_tokens(tokens: torch.Tensor, rows: torch.Tensor) -> BucketGroup:
     chunk_rows = torch.repeat_interleave(unique_rows, chunks_per_group)
     consecutive = num_chunks == 1 or bool((chunk_rows[1:] - chunk_rows[:-1] == 1).all())
     row_range = slice(int(chunk_rows[0]), int(chunk_rows[0]) + num_chunks) if consecutive else None
-    return BucketGroup(tokens, positions, padded, chunk_rows, row_range, chunk_size)
+    return BucketGroup(tokens, positions, padded, chunk_rows, row_range, chunk_size, padding=n != padded.numel())
 
 
 def plan_batch(slot_indices: torch.Tensor, bucket_of_slot: torch.Tensor, row_of_slot: torch.Tensor

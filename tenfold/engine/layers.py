@@ -57,12 +57,13 @@ class NativeAdapterMixin:
         self._native, self.layer_index = state, int(match.group(1))
         starts = [sum(self.output_slices[:i]) for i in range(len(self.output_slices))]
         self.sub_modules = {m: slice(s, s + n) for m, s, n in zip(sub_modules, starts, self.output_slices)}
+        self._sub_module_names = tuple(sub_modules)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         if self._native is None:
             return output
-        buckets = [(bucket, group) for bucket, group in self._native.plan(x.shape[-2] if x.ndim == 3 else x.shape[0])
-                   if any(bucket.adapts(self.layer_index, m) for m in self.sub_modules)]
+        buckets = self._native.layer_plan(x.shape[-2] if x.ndim == 3 else x.shape[0], self.layer_index,
+                                          self._sub_module_names)
         if not buckets:
             return output
         shape = output.shape

@@ -21,6 +21,7 @@ class NativeState:
         self._mapping_version = 0
         self._plan_key = None
         self._plan: list[tuple[Bucket, BucketGroup]] = []
+        self._layer_plans: dict[tuple, list[tuple[Bucket, BucketGroup]]] = {}
 
     def mapping_changed(self) -> None:
         self._mapping_version += 1
@@ -34,4 +35,16 @@ class NativeState:
             groups = plan_batch(indices, self.store.bucket_of_slot, self.store.row_of_slot)
             self._plan = [(self.store.buckets[b], g.to(self.store.device)) for b, g in groups]
             self._plan_key = key
+            self._layer_plans = {}
         return self._plan
+
+    def layer_plan(self, num_tokens: int, layer: int, modules: tuple[str, ...]) -> list[tuple[Bucket, BucketGroup]]:
+        """The part of the step's plan whose buckets adapt this layer's modules (asked by every layer call, so it
+        is kept per plan)."""
+        plan = self.plan(num_tokens)
+        key = (layer, modules)
+        found = self._layer_plans.get(key)
+        if found is None:
+            found = [(b, g) for b, g in plan if any(b.adapts(layer, m) for m in modules)]
+            self._layer_plans[key] = found
+        return found

@@ -13,7 +13,8 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
    adapter to base-model rows batched with adapter rows; the patched ops zero those rows.
 4. Prefix caching: block hashes of adapter requests also carry the adapter files' fingerprint, so a reloaded
    adapter never reuses KV computed with its previous weights.
-5. Worker cache: an adapter whose files changed since the worker loaded it is reloaded in place.
+5. Worker cache: an adapter whose files changed since the worker loaded it is reloaded in place (checked when a new
+   request for it is scheduled); an adapter already resident is activated without vLLM's per-call cache copies.
 6. Unloading: `/v1/unload_lora_adapter` also removes the adapter from the workers' slots and host cache (vLLM 0.32
    only forgets the name).
 8. Native execution (TENFOLD_MODE=native, the default): tenfold's wrappers (`layers.py`) are prepended to
@@ -78,6 +79,8 @@ def _patch_worker_loading() -> None:
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.lora.utils import get_adapter_absolute_path
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
+    from vllm.utils.gpu_sync_debug import gpu_sync_allowed
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from .loader import convert_for_vllm, fingerprint, load_for_native
     from .mode import execution_mode
@@ -115,19 +118,50 @@ def _patch_worker_loading() -> None:
         return lora
 
     original_add = LRUCacheWorkerLoRAManager.add_adapter
+    original_apply = LRUCacheWorkerLoRAManager._apply_adapters
+    original_update_states = GPUModelRunner._update_states
+
+    def _update_states(self, scheduler_output):
+        # the adapters whose files the coming step must re-check: those of newly scheduled requests
+        manager = getattr(self, "lora_manager", None)
+        if manager is not None:
+            manager._tenfold_new_request_ids = {r.lora_request.lora_int_id for r in scheduler_output.scheduled_new_reqs
+                                                if r.lora_request is not None}
+        return original_update_states(self, scheduler_output)
+
+    def _apply_adapters(self, lora_requests):
+        self._tenfold_step_checks = getattr(self, "_tenfold_new_request_ids", None)
+        self._tenfold_new_request_ids = None
+        try:
+            original_apply(self, lora_requests)
+        finally:
+            self._tenfold_step_checks = None
 
     def add_adapter(self, lora_request):
-        # Runs for every active adapter on every step, so a rewrite is seen before the next step: throttling this
-        # would let a step run old weights while the scheduler already keys new KV blocks with the new version.
-        loaded_version = self._tenfold_fingerprints.get(lora_request.lora_int_id)
-        if (loaded_version is not None and lora_request.lora_int_id in self.list_adapters()
+        # Runs for every active adapter on every step. The files of an adapter are re-checked whenever a new request
+        # for it is scheduled (and on every call outside a step): the scheduler keys a new request's KV blocks with
+        # the version it finds on arrival, so the step that first runs it must hold that version's weights.
+        # Checking every adapter every step costs a few stat calls per adapter per step, and vLLM's own
+        # `list_adapters()` copies the whole cache twice per adapter: both grow with the number of adapters.
+        lora_id = lora_request.lora_int_id
+        resident = lora_id in self._adapter_manager._registered_adapters
+        step_checks = getattr(self, "_tenfold_step_checks", None)
+        loaded_version = self._tenfold_fingerprints.get(lora_id)
+        if (resident and loaded_version is not None and (step_checks is None or lora_id in step_checks)
                 and fingerprint(get_adapter_absolute_path(lora_request.lora_path)) != loaded_version):
             lora_request = _with_inplace_reload(lora_request)
-        return original_add(self, lora_request)
+        if not resident or lora_request.load_inplace:
+            return original_add(self, lora_request)
+        with gpu_sync_allowed():  # vLLM's already-resident branch: touch it in both LRU caches
+            loaded = self._adapter_manager.get_adapter(lora_id) is not None
+            self._adapter_manager.activate_adapter(lora_id)
+        return loaded
 
     WorkerLoRAManager.__init__ = __init__
     WorkerLoRAManager._load_adapter = _load_adapter
     LRUCacheWorkerLoRAManager.add_adapter = add_adapter
+    LRUCacheWorkerLoRAManager._apply_adapters = _apply_adapters
+    GPUModelRunner._update_states = _update_states
 
 
 def _with_inplace_reload(lora_request):

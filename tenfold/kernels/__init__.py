@@ -1,7 +1,12 @@
-"""Each family's on-the-fly apply as a torch op over grouped tokens (the torch twins; Triton kernels join them).
+"""Each family's on-the-fly apply as torch ops over grouped tokens, and as Triton kernels over segmented tokens.
 
-Every op works on one bucket of the batch (adapters of one family and shape, see `tenfold.engine.batch_plan`): the
-bucket's tokens are laid out as C chunks of G rows, each chunk using one adapter, and every factor table arrives
-already indexed per chunk (leading axis C). Padding rows repeat a real token and are dropped by the caller, so no op
-needs masks. Ops compute in the dtype of the tables they get (fp32 on CPU, where bf16 matmuls are slow).
+The modules at this level (lowrank, lorta, miss, bat, bottleneck) are the padded ops: every op works on one bucket
+of the batch (adapters of one family and shape, see `tenfold.engine.batch_plan`): the bucket's tokens are laid out as
+C chunks of G rows, each chunk using one adapter, and every factor table arrives already indexed per chunk (leading
+axis C). Padding rows repeat a real token and are dropped by the caller, so no op needs masks. Ops compute in the
+dtype of the tables they get (fp32 on CPU, where bf16 matmuls are slow).
+
+The device path: `segments` groups a step's tokens by table row on the device (no host sync), `triton` holds one
+kernel per family apply over flat token rows and whole tables, `twins` the torch ops of the same signatures (the
+padded ops above, run over the segments' tiles), and `dispatch` picks the kernel on CUDA and the twin elsewhere.
 """

@@ -1,4 +1,4 @@
-"""The `tenfold` command: one CLI, one function per subcommand (later issues add serve, bench and demo)."""
+"""The `tenfold` command: one CLI, one function per subcommand."""
 
 from __future__ import annotations
 
@@ -68,6 +68,12 @@ def cmd_serve(args, passthrough) -> int:
     return run(args, passthrough)
 
 
+def cmd_bench(args) -> int:
+    from ..bench.runner import main
+
+    return main(args)
+
+
 def cmd_demo(args, passthrough) -> int:
     from ..demo import ADAPTERS, examples, prepare
     from .serve import run
@@ -112,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Arguments not listed here are passed to vLLM's engine and server.")
     add_arguments(serve)
     serve.set_defaults(run=cmd_serve, passthrough=True)
+
+    from ..bench.runner import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser("bench", help="throughput and latency of N adapters per mode, beside the base model "
+                                              "and vLLM's own LoRA path")
+    add_bench_arguments(bench)
+    bench.set_defaults(run=cmd_bench)
 
     demo = commands.add_parser("demo", help="offline demo: build a tiny model, train three adapters, serve them",
                                description="Arguments not listed here are passed to vLLM's engine and server.")

@@ -43,7 +43,7 @@ class LayerCall:
 
     def add(self, module: str, group: BucketGroup, padded_delta: torch.Tensor) -> None:
         """Delta of one sub-module in the padded [C, G, out_m] layout."""
-        self._pending[module] = padded_delta.reshape(-1, padded_delta.shape[-1]).index_select(0, group.positions)
+        self._pending[module] = group.real_rows(padded_delta)
 
     def add_rows(self, module: str, rows: torch.Tensor) -> None:
         """Delta of one sub-module, one row per token of the group, in the group's token order."""
@@ -51,7 +51,7 @@ class LayerCall:
 
     def add_fused(self, group: BucketGroup, padded_delta: torch.Tensor) -> None:
         """Delta of every sub-module at once, [C, G, out] in the layer's output layout."""
-        self._pending[None] = padded_delta.reshape(-1, padded_delta.shape[-1]).index_select(0, group.positions)
+        self._pending[None] = group.real_rows(padded_delta)
 
     def commit(self, group: BucketGroup) -> None:
         if not self._pending:

@@ -26,5 +26,5 @@ class BatBucket(PerModuleBucket):
         x = group.gather(call.x_compute)
         for m in targeted:
             z = bat_transform(x, self.rows(f"D.{key_name((call.layer, m))}", group))
-            z = z.reshape(-1, *z.shape[2:]).index_select(0, group.positions)  # the real tokens only
+            z = group.real_rows(z)
             call.add_rows(m, bat_apply(z, call.weight_of(m)))

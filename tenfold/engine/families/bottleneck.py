@@ -56,7 +56,7 @@ class BottleneckBucket(PerModuleBucket):
             name = key_name((call.layer, m))
             if PLACEMENT[m] == "pre":
                 a = self._adapter_output(name, x, group)
-                a = a.reshape(-1, a.shape[-1]).index_select(0, group.positions)
+                a = group.real_rows(a)
                 call.add_rows(m, a @ call.weight_of(m).t())
             else:  # post: the module's whole output is the adapter's input
                 y = group.gather(call.output[:, call.modules[m]].to(call.compute_dtype))

@@ -1,9 +1,11 @@
 """LoRTA: one row holds the adapter's five factor matrices (KBs), shared by every layer.
 
 Stored per row: the shrink factor (heads_out: A [d, r]; heads_in: B^T [d_h, r] with the head factors C_h), the
-expand factor (heads_out: B [r, d_h] with C_h, and C_h group-averaged for grouped-query k/v; heads_in: A^T [r, d]
-and its group-averaged k/v rows) and c_lm = C_l[layer] * C_m[matrix] * alpha / r [L, 4, r]. The shrink is computed
-once per layer call and reused by q, k and v.
+expand factor (heads_out: B [r, d_h]; heads_in: A^T [r, d] and its group-averaged k/v rows) and the scalings
+c_lm = C_l[layer] * C_m[matrix] * alpha / r. heads_out stores them already multiplied into the head factors, per
+layer and matrix ([L, heads, r], C_h group-averaged for grouped-query k/v, and q|k|v side by side for the fused
+projection): a few KB per row that save several small ops per layer call. The shrink is computed once per layer
+call and reused by q, k and v.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from ...adapters.lorta.family import MATRICES
 from ...kernels.lorta import (lorta_expand_heads_in, lorta_expand_heads_out, lorta_shrink_heads_in,
                               lorta_shrink_heads_out)
 from .base import Bucket
+
+QKV = "q_proj+k_proj+v_proj"  # the fused projection's sub-modules, as `LayerCall.modules` lists them
 
 
 class LoRTABucket(Bucket):
@@ -34,7 +38,12 @@ class LoRTABucket(Bucket):
         group, r = self.spec.group_size, self.rank
         c_lm = c_l[:, None, :] * c_m[None] * adapter.scale  # [L, 4, r]
         if self.orientation == "heads_out":
-            return {"A": a, "B": b, "C_h": c_h, "C_h_kv": c_h.reshape(-1, group, r).mean(1), "C_lm": c_lm}
+            heads = {m: c_h.reshape(-1, group, r).mean(1) if m in ("k_proj", "v_proj") else c_h for m in self.modules}
+            weights = {m: c_lm[:, MATRICES.index(m), None, :] * heads[m][None] for m in self.modules}  # [L, heads, r]
+            tables = {"A": a, "B": b, **{f"HW.{m}": w for m, w in weights.items()}}
+            if {"q_proj", "k_proj", "v_proj"} <= self.modules:
+                tables[f"HW.{QKV}"] = torch.cat([weights[m] for m in ("q_proj", "k_proj", "v_proj")], 1)
+            return tables
         a_kv = a.reshape(-1, group, b.shape[1], r).mean(1).reshape(-1, r)
         return {"B_t": b.t(), "C_h": c_h, "A_t": a.t(), "A_t_kv": a_kv.t(), "C_lm": c_lm}
 
@@ -46,20 +55,17 @@ class LoRTABucket(Bucket):
         if not targeted:
             return
         x = group.gather(call.x_compute)
-        c_lm = self.rows("C_lm", group)[:, call.layer]  # [C, 4, r]
         if self.orientation == "heads_out":
             u = lorta_shrink_heads_out(x, self.rows("A", group))
             b = self.rows("B", group)
-            weights = {m: self.rows("C_h_kv" if m in ("k_proj", "v_proj") else "C_h", group)
-                       * c_lm[:, MATRICES.index(m), None, :] for m in targeted}
-            if len(targeted) == len(call.modules):  # every sub-module: one expand over all their heads
-                head_weights = torch.cat([weights[m] for m in call.modules], 1) if len(targeted) > 1 else weights[
-                    targeted[0]]
-                call.add_fused(group, lorta_expand_heads_out(u, head_weights, b))
+            fused = "+".join(call.modules)
+            if len(targeted) == len(call.modules) and f"HW.{fused}" in self.tables:  # one expand over all heads
+                call.add_fused(group, lorta_expand_heads_out(u, self.rows(f"HW.{fused}", group)[:, call.layer], b))
             else:
                 for m in targeted:
-                    call.add(m, group, lorta_expand_heads_out(u, weights[m], b))
+                    call.add(m, group, lorta_expand_heads_out(u, self.rows(f"HW.{m}", group)[:, call.layer], b))
         else:
+            c_lm = self.rows("C_lm", group)[:, call.layer]  # [C, 4, r]
             u = lorta_shrink_heads_in(x, self.rows("B_t", group), self.rows("C_h", group))
             for m in targeted:
                 a_t = self.rows("A_t_kv" if m in ("k_proj", "v_proj") else "A_t", group)

@@ -1,0 +1,218 @@
+"""`tenfold bench`: what serving N adapters costs, side by side with the bare base model and vLLM's own LoRA path.
+
+One invocation runs, on the same model, prompts, lengths, adapter popularity and seeds:
+- `base`: the base model, LoRA disabled (the ceiling);
+- `native`: tenfold's native path (TENFOLD_MODE=native), every family;
+- `convert`: tenfold's compatibility path (each adapter converted in memory to its exact LoRA form, vLLM's kernels);
+- `vllm-lora`: vLLM's stock LoRA path serving PEFT LoRA directories written by `tenfold convert` (the same
+  exact LoRA form at the equivalent rank), for families that have one.
+Each run is its own process (`tenfold.bench.child`); a failing run is recorded with its error, not fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import report
+from .workload import (CPU_ENV, Lengths, Popularity, adapter_info, build_model, distinct_used, machine_info,
+                       make_requests, synth_adapters, vllm_lora_rank)
+
+MODES = ("base", "native", "convert", "vllm-lora")
+RUN_TIMEOUT_S = 3600
+
+
+def parse_arrival(text: str) -> float | None:
+    """'offline' -> None; 'poisson:RATE' -> RATE requests/s."""
+    if text == "offline":
+        return None
+    kind, _, rate = text.partition(":")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = -1.0
+    if kind != "poisson" or value <= 0:
+        raise ValueError(f"arrival {text!r}: expected 'offline' or 'poisson:RATE' with RATE > 0 (requests/s)")
+    return value
+
+
+def plan_runs(args, families) -> list[dict]:
+    """Every (mode, family, number of adapters) to run; base once. Convert and vllm-lora only serve families whose
+    update has an exact LoRA form (bat and loretta_adp have none)."""
+    from ..adapters import FAMILIES
+
+    runs = [{"mode": "base", "family": None, "num_adapters": 0}] if "base" in args.modes else []
+    for count in args.adapters:
+        for family in families:
+            for mode in args.modes:
+                if mode == "base":
+                    continue
+                if mode in ("convert", "vllm-lora") and not FAMILIES[family].has_exact_lora:
+                    continue
+                runs.append({"mode": mode, "family": family, "num_adapters": count})
+    return runs
+
+
+def run_child(spec: dict, log_path: Path) -> dict:
+    """One run in a fresh interpreter; its vLLM output goes to `log_path`."""
+    env = {**CPU_ENV, **os.environ}  # the caller's settings win
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if spec["arrival"] == "offline" else "1"
+    if spec["mode"] != "base":
+        env["TENFOLD_MODE"] = "native" if spec["mode"] == "native" else "convert"
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps({**spec, "result_path": str(result_path), "log_path": str(log_path)}))
+        with open(log_path, "w") as log:
+            # own session: on a timeout the whole process group (engine, server) is stopped
+            child = subprocess.Popen([sys.executable, "-m", "tenfold.bench.child", str(spec_path)], env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                child.wait(timeout=RUN_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                return {"error": f"timed out after {RUN_TIMEOUT_S} s"}
+        result = json.loads(result_path.read_text()) if result_path.is_file() else {
+            "error": f"the run's process died (exit code {child.returncode}); see {log_path}"}
+    if "error" in result:
+        result["log_errors"] = report.error_lines(log_path)
+    return result
+
+
+def main(args) -> int:
+    from tqdm import tqdm
+    from transformers import AutoConfig
+
+    if not args.no_plots:
+        report.require_matplotlib()
+    rate = parse_arrival(args.arrival)
+    families = args.families
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_dir = args.out / "logs"
+    log_dir.mkdir(exist_ok=True)
+
+    model_dir = Path(args.model) if args.model else build_model(args.cache_dir)
+    vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
+    runs = plan_runs(args, families)
+    if not runs:
+        raise SystemExit("tenfold bench: nothing to run: the chosen modes serve none of the chosen families")
+    rows = []
+    progress = tqdm(runs, desc="bench", unit="run", file=sys.stderr)
+    for run in progress:
+        label = run["mode"] if run["mode"] == "base" else f"{run['mode']}:{run['family']}@{run['num_adapters']}"
+        progress.set_postfix_str(label)
+        requests = make_requests(args.requests, run["num_adapters"], args.popularity, args.prompt_len,
+                                 args.output_len, vocab_size, rate, args.seed)
+        paths, info = [], {}
+        if run["family"] is not None:
+            paths = synth_adapters(run["family"], run["num_adapters"], model_dir, args.cache_dir, args.dtype,
+                                   lora_form=run["mode"] == "vllm-lora", progress=True)
+            info = adapter_info(paths[0])
+        used = distinct_used(requests)
+        max_num_seqs = min(args.requests, args.max_num_seqs)
+        spec = {**run, "arrival": args.arrival, "model": str(model_dir), "dtype": args.dtype, "seed": args.seed,
+                "requests": requests, "repeats": args.repeats, "adapters": [str(p) for p in paths],
+                "max_model_len": args.prompt_len.high + args.output_len.high, "max_num_seqs": max_num_seqs,
+                "max_loras": args.max_loras or max(1, min(used, max_num_seqs)),
+                "max_lora_rank": vllm_lora_rank(info.get("rank") or 1),
+                "load_sample": min(args.load_sample, len(paths))}
+        load_before = os.getloadavg()[0]  # another job on the machine skews every number: keep the evidence
+        result = run_child(spec, log_dir / f"{label.replace(':', '_').replace('@', '_')}.log")
+        row = report.summarize({**run, "label": label, "distinct_adapters_used": used, "max_loras": spec["max_loras"],
+                                "load_avg_1min_before": load_before, **info}, result)
+        rows.append(row)
+        tqdm.write(f"{label}: {report.one_line(row)}", file=sys.stderr)
+    report.add_ratios(rows)
+
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "command": shlex.join(["tenfold", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else
+               shlex.join(sys.argv),
+               "machine": machine_info(),
+               "settings": {"model": str(model_dir), "dtype": args.dtype, "families": families,
+                            "adapters": args.adapters, "modes": args.modes, "popularity": str(args.popularity),
+                            "arrival": args.arrival, "requests": args.requests, "prompt_len": str(args.prompt_len),
+                            "output_len": str(args.output_len), "repeats": args.repeats, "seed": args.seed},
+               "results": rows}
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(report.format_table(rows))
+    written = [args.out / "results.json"]
+    if not args.no_plots:
+        written += report.plot(rows, args.out)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 1 if any("error" in row for row in rows) else 0
+
+
+def _argument(parse):
+    """An argparse type from a parser raising ValueError: argparse prints our message, not a generic one."""
+    import argparse
+
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def add_arguments(parser) -> None:
+    from ..adapters import FAMILIES
+
+    def families(text):
+        names = [f.strip() for f in text.split(",") if f.strip()]
+        unknown = [f for f in names if f not in FAMILIES]
+        if unknown or not names:
+            raise ValueError(f"unknown families {unknown}: choose from {', '.join(FAMILIES)}")
+        return names
+
+    def modes(text):
+        names = [m.strip() for m in text.split(",") if m.strip()]
+        if not names or any(m not in MODES for m in names):
+            raise ValueError(f"modes {text!r}: choose from {', '.join(MODES)}")
+        return names
+
+    def arrival(text):
+        parse_arrival(text)
+        return text
+
+    def counts(text):
+        values = [int(c) for c in text.split(",")]
+        if not values or any(v < 1 for v in values):
+            raise ValueError("adapter counts must be >= 1")
+        return values
+
+    parser.add_argument("--model", help="base model directory (default: the benchmark model, hidden 512, 8 layers, "
+                                        "random weights, built into --cache-dir)")
+    parser.add_argument("--families", type=_argument(families), default=["lorta"],
+                        help="comma list (default: lorta)")
+    parser.add_argument("--adapters", type=_argument(counts), default=[32],
+                        help="numbers of distinct adapters, comma list for a sweep (default: 32)")
+    parser.add_argument("--modes", type=_argument(modes), default=list(MODES),
+                        help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--popularity", type=_argument(Popularity.parse), default=Popularity(),
+                        help="uniform or zipf:ALPHA (default: uniform)")
+    parser.add_argument("--arrival", default="offline", type=_argument(arrival),
+                        help="offline (one batch) or poisson:RATE (requests/s, against a tenfold serve process)")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=_argument(Lengths.parse), default=Lengths(32, 32),
+                        help="N or LO-HI tokens")
+    parser.add_argument("--output-len", type=_argument(Lengths.parse), default=Lengths(64, 64),
+                        help="N or LO-HI tokens (ignore_eos: always generated in full)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode after one warm-up")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="served dtype; adapters are stored in it too (default float32: CPUs without "
+                             "AVX-512 emulate bf16 GEMMs)")
+    parser.add_argument("--max-loras", type=int, help="adapter slots (default: distinct adapters per batch)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--load-sample", type=int, default=32, help="adapters whose hot-load latency is timed")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="results.json, plots and logs")
+    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tenfold/bench").expanduser(),
+                        help="the benchmark model and synthetic adapters, reused across runs")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (they need matplotlib)")

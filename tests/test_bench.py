@@ -1,0 +1,99 @@
+"""`tenfold bench`: the workload generator, and the harness end to end on the tiny model (offline and Poisson
+against a server), checking what it reports, never how fast anything ran."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tenfold.bench.workload import Lengths, Popularity, make_requests
+
+REPO = Path(__file__).resolve().parent.parent
+CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "HF_HUB_OFFLINE": "1"}
+
+
+def test_zipf_popularity_favours_the_first_adapters_and_uniform_uses_all_evenly():
+    import random
+
+    zipf = collections.Counter(Popularity.parse("zipf:1.2").choose(64, 4000, random.Random(0)))
+    assert zipf[0] > zipf[1] > zipf[7] > zipf.get(40, 0), zipf.most_common(5)
+    uniform = collections.Counter(Popularity.parse("uniform").choose(16, 64, random.Random(0)))
+    assert set(uniform.values()) == {4}
+
+
+def test_requests_are_reproducible_and_poisson_arrivals_increase():
+    args = (50, 8, Popularity("zipf", 1.0), Lengths.parse("4-9"), Lengths.parse("3"), 512, 10.0)
+    first, again, other = make_requests(*args, seed=1), make_requests(*args, seed=1), make_requests(*args, seed=2)
+    assert first == again and first != other
+    arrivals = [r["arrival_s"] for r in first]
+    assert arrivals == sorted(arrivals) and arrivals[0] > 0
+    assert {len(r["prompt"]) for r in first} <= set(range(4, 10)) and {r["max_tokens"] for r in first} == {3}
+    offline = make_requests(5, 0, Popularity(), Lengths(2, 2), Lengths(2, 2), 512, None, seed=0)
+    assert all(r["adapter"] is None and r["arrival_s"] == 0.0 for r in offline)
+
+
+@pytest.mark.parametrize("text", ["zipf:0", "zipf:x", "pareto", "uniform:2"])
+def test_bad_popularity_is_refused_with_the_expected_forms(text):
+    with pytest.raises(ValueError, match="uniform' or 'zipf:ALPHA'"):
+        Popularity.parse(text)
+
+
+def test_cli_refuses_bad_workloads_before_starting_anything():
+    for argv, message in ((["--arrival", "poisson:-1"], "poisson:RATE"), (["--lengths"], "unrecognized"),
+                          (["--output-len", "9-3"], "LO <= HI"), (["--modes", "native,fast"], "choose from")):
+        done = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "bench", *argv], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr, (argv, done.stderr[-400:])
+
+
+def run_bench(tmp_path, model_dir, *argv) -> dict:
+    out = tmp_path / "out"
+    env = {**os.environ, **CPU_ENV}
+    done = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "bench", "--model", str(model_dir),
+                           "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--prompt-len", "6-12",
+                           "--output-len", "4", "--repeats", "1", *argv], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=REPO)
+    logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted((out / "logs").glob("*.log")))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:] + logs
+    return json.loads((out / "results.json").read_text())
+
+
+def check_row(row, requests, adapters):
+    assert "error" not in row, row.get("error")
+    assert row["output_tokens"] == 4 * requests and all(t > 0 for t in row["tok_s"])
+    assert len(row["ttft_s"]) == requests and row["ttft_ms"]["p50"] > 0 and row["tpot_ms"]["p99"] > 0
+    assert row["peak_rss_bytes"] > 0
+    if adapters:
+        assert row["resident_adapters"] == adapters and len(row["load_ms"]["samples"]) == adapters
+        assert row["adapter_bytes"] > 0
+
+
+def test_offline_bench_runs_every_mode_side_by_side_and_writes_results_and_plots(tmp_path, tiny_model_dirs):
+    results = run_bench(tmp_path, tiny_model_dirs["gqa"], "--families", "lorta,bat", "--adapters", "2",
+                        "--modes", "base,native,convert,vllm-lora", "--requests", "4")
+    labels = [row["label"] for row in results["results"]]
+    # bat has no LoRA form: native only
+    assert labels == ["base", "native:lorta@2", "convert:lorta@2", "vllm-lora:lorta@2", "native:bat@2"]
+    for row in results["results"]:
+        check_row(row, 4, 0 if row["mode"] == "base" else 2)
+        assert row["ratio_to_base"] == pytest.approx(row["tok_s_median"] / results["results"][0]["tok_s_median"])
+    vllm_row = results["results"][3]
+    assert vllm_row["adapter_bytes"] > results["results"][1]["adapter_bytes"], "the LoRA form is the larger one"
+    for png in ("throughput.png", "latency_cdf.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_poisson_bench_drives_a_running_server_through_the_openai_api(tmp_path, tiny_model_dirs):
+    results = run_bench(tmp_path, tiny_model_dirs["mha"], "--families", "miss", "--adapters", "3", "--modes",
+                        "native", "--requests", "5", "--arrival", "poisson:20", "--popularity", "zipf:1.0",
+                        "--no-plots")
+    (row,) = results["results"]
+    check_row(row, 5, 3)
+    assert results["settings"]["arrival"] == "poisson:20" and not (tmp_path / "out" / "throughput.png").exists()
