@@ -8,16 +8,14 @@ adapter). Sizes come from the real slot rows (`Bucket.row_tensors`), so this exp
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from native_throughput import FAMILY_SETTINGS, MODEL  # noqa: E402
-
-from tenfold.adapters import FAMILIES, ModelSpec  # noqa: E402
-from tenfold.engine.families import BUCKETS  # noqa: E402
+from tenfold.adapters import FAMILIES, ModelSpec
+from tenfold.bench.workload import BENCH_MODEL as MODEL
+from tenfold.bench.workload import FAMILY_SETTINGS
+from tenfold.engine.families import BUCKETS
 
 
 def apply_macs(family: str, adapter, spec: ModelSpec) -> int:

@@ -34,3 +34,13 @@ def test_dockerfile_installs_with_the_ci_script(dockerfile, extra):
 def test_proto_is_package_data():
     config = (REPO / "pyproject.toml").read_text()
     assert '"server/grpc/*.proto"' in config and (REPO / "tenfold/server/grpc/tenfold.proto").is_file()
+
+
+def test_benchmark_scripts_do_not_shadow_modules_that_libraries_probe():
+    """A script run as `python benchmarks/X.py` puts benchmarks/ first on sys.path, so a file there named like a
+    package that transformers or vLLM import (or probe, as transformers does with `kernels`) would replace it."""
+    repo = Path(__file__).resolve().parent.parent
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import transformers.activations; "
+            "from transformers import LlamaForCausalLM; import vllm.lora.request")
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -35,6 +35,23 @@ def summarize(run: dict, result: dict) -> dict:
     return row
 
 
+POOLED = ("seconds", "tok_s", "req_s", "ttft_s", "tpot_s", "load_ms")
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One run's results over its rounds: measurements pooled, the peak memory the largest; the first error wins
+    (a mode that failed once is reported as failed)."""
+    failed = next((r for r in results if "error" in r), None)
+    if failed is not None:
+        return failed
+    merged = {key: [v for r in results for v in r[key]] for key in POOLED}
+    merged.update(output_tokens=results[0]["output_tokens"], resident_adapters=results[-1]["resident_adapters"],
+                  peak_rss_bytes=max(r["peak_rss_bytes"] for r in results),
+                  engine_start_s=[r["engine_start_s"] for r in results],
+                  load_avg_1min_before=[r["load_avg_1min_before"] for r in results])
+    return merged
+
+
 def add_ratios(rows: list[dict]) -> None:
     """ratio_to_base: a run's median output tok/s over the base model's, when base ran."""
     base = next((r.get("tok_s_median") for r in rows if r["mode"] == "base"), None)

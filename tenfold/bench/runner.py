@@ -104,8 +104,9 @@ def main(args) -> int:
     if not runs:
         raise SystemExit("tenfold bench: nothing to run: the chosen modes serve none of the chosen families")
     rows = []
-    progress = tqdm(runs, desc="bench", unit="run", file=sys.stderr)
-    for run in progress:
+    # rounds run the whole plan again (base, then every mode), so slow drifts of a shared machine hit every mode
+    progress = tqdm([(r, run) for r in range(args.rounds) for run in runs], desc="bench", unit="run", file=sys.stderr)
+    for round_index, run in progress:
         label = run["mode"] if run["mode"] == "base" else f"{run['mode']}:{run['family']}@{run['num_adapters']}"
         progress.set_postfix_str(label)
         requests = make_requests(args.requests, run["num_adapters"], args.popularity, args.prompt_len,
@@ -124,11 +125,17 @@ def main(args) -> int:
                 "max_lora_rank": vllm_lora_rank(info.get("rank") or 1),
                 "load_sample": min(args.load_sample, len(paths))}
         load_before = os.getloadavg()[0]  # another job on the machine skews every number: keep the evidence
-        result = run_child(spec, log_dir / f"{label.replace(':', '_').replace('@', '_')}.log")
-        row = report.summarize({**run, "label": label, "distinct_adapters_used": used, "max_loras": spec["max_loras"],
-                                "load_avg_1min_before": load_before, **info}, result)
-        rows.append(row)
-        tqdm.write(f"{label}: {report.one_line(row)}", file=sys.stderr)
+        suffix = f"_round{round_index + 1}" if args.rounds > 1 else ""
+        result = run_child(spec, log_dir / f"{label.replace(':', '_').replace('@', '_')}{suffix}.log")
+        if round_index == 0:
+            rows.append({**run, "label": label, "distinct_adapters_used": used, "max_loras": spec["max_loras"],
+                         **info, "rounds": []})
+        row = next(r for r in rows if r["label"] == label)
+        row["rounds"].append({**result, "load_avg_1min_before": load_before})
+        tqdm.write(f"{label} (round {round_index + 1}): {report.one_line(report.summarize(row, result))}",
+                   file=sys.stderr)
+    rows = [report.summarize({k: v for k, v in row.items() if k != "rounds"}, report.merge_rounds(row["rounds"]))
+            for row in rows]
     report.add_ratios(rows)
 
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -138,7 +145,8 @@ def main(args) -> int:
                "settings": {"model": str(model_dir), "dtype": args.dtype, "families": families,
                             "adapters": args.adapters, "modes": args.modes, "popularity": str(args.popularity),
                             "arrival": args.arrival, "requests": args.requests, "prompt_len": str(args.prompt_len),
-                            "output_len": str(args.output_len), "repeats": args.repeats, "seed": args.seed},
+                            "output_len": str(args.output_len), "repeats": args.repeats, "rounds": args.rounds,
+                            "seed": args.seed},
                "results": rows}
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(report.format_table(rows))
@@ -205,6 +213,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output-len", type=_argument(Lengths.parse), default=Lengths(64, 64),
                         help="N or LO-HI tokens (ignore_eos: always generated in full)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode after one warm-up")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole plan this many times, interleaving the modes (each round a fresh engine "
+                             "per mode); summaries pool the repeats of every round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="served dtype; adapters are stored in it too (default float32: CPUs without "

@@ -2,9 +2,9 @@
 twins, (b) vLLM's Triton LoRA shrink/expand at the same rank, (c) the base GEMMs of the layers they adapt, and (d) the
 floor set by the kernel's own bytes at the bandwidth measured on the same GPU.
 
-    python benchmarks/kernels.py                        # -> benchmarks/results/kernels_<gpu>.json
-    python benchmarks/kernels.py --vllm-src /path/to/dir/with/vllm --tokens 64 --adapters 64 --cases lorta_heads_out
-    python benchmarks/kernels.py --smoke                # CPU: tiny shapes, torch twins only (checks the script runs)
+    python benchmarks/triton_kernels.py                        # -> benchmarks/results/kernels_<gpu>.json
+    python benchmarks/triton_kernels.py --vllm-src /path/to/dir/with/vllm --tokens 64 --adapters 64 --cases lorta_heads_out
+    python benchmarks/triton_kernels.py --smoke                # CPU: tiny shapes, torch twins only (checks the script runs)
 
 Every case applies the family to a whole attention (q, k, v, o) or MLP block for T tokens spread round-robin over S
 distinct adapters (table rows), T in {1, 16, 64, 256}, S in {1, 16, 64}. `cold_us` is triton.testing.do_bench (the L2
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
         run_smoke(args)
         return 0
     if not torch.cuda.is_available():
-        print(f"benchmarks/kernels.py times Triton kernels and needs a CUDA GPU; none is visible here (torch "
+        print(f"benchmarks/triton_kernels.py times Triton kernels and needs a CUDA GPU; none is visible here (torch "
               f"{torch.__version__}, {platform.machine()}). Use --smoke to check the script on CPU.", file=sys.stderr)
         return 2
     run_gpu(args)
