@@ -14,6 +14,8 @@ CASES = {
     "lorta_qv": ("lorta", dict(target_modules=["q_proj", "v_proj"], r=4, orientation="heads_out")),
     "loretta_rep": ("loretta_rep", dict(target_modules=["q_proj", "v_proj"], r=8, tensor_rank=5)),
     "loretta_adp": ("loretta_adp", dict(bottleneck_size=16, non_linearity="tanh")),
+    # only one half of the fused gate_up projection: the other half must stay exactly the base model's
+    "loretta_adp_up": ("loretta_adp", dict(target_modules=["up_proj"], bottleneck_size=16, non_linearity="relu")),
     "miss": ("miss", dict(target_modules=ALL_LINEAR, r=16)),
     "miss_mini": ("miss", dict(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"], r=16, variant="mini",
                                mini_r=32)),

@@ -9,7 +9,7 @@ import torch
 
 from adapter_cases import CASES, make
 from tenfold.engine.batch_plan import plan_batch
-from tenfold.engine.families import LayerCall
+from tenfold.engine.families import adapted_forward, add_output_updates
 from tenfold.engine.slots import SlotStore
 
 FUSED = {"qkv": ["q_proj", "k_proj", "v_proj"], "o": ["o_proj"], "gate_up": ["gate_proj", "up_proj"],
@@ -29,14 +29,15 @@ def frozen_layer(spec, modules, generator):
 
 
 def native_forward(store, slot_of_token, layer, modules, x, linears, slices, fused_weight):
-    output = x @ fused_weight.t()
-    plan = plan_batch(slot_of_token, store.bucket_of_slot, store.row_of_slot)
-    call = LayerCall(layer, slices, x, output, torch.float32, lambda m: fused_weight[slices[m]])
-    for bucket_id, group in plan:
-        bucket = store.buckets[bucket_id]
-        if any(bucket.adapts(layer, m) for m in modules):
-            bucket.apply(call, group)
-            call.commit(group)
+    """What a tenfold wrapper does in one step: the plan's buckets that adapt the layer, around the base GEMM."""
+    plan = [(store.buckets[b], g) for b, g in plan_batch(slot_of_token, store.bucket_of_slot, store.row_of_slot)]
+    plan = [(b, g) for b, g in plan if any(b.adapts(layer, m) for m in modules)]
+    x_seen = x.clone()
+    weight_of = lambda m: fused_weight[slices[m]]  # noqa: E731
+    output = adapted_forward(plan, layer, slices, x, lambda inputs: inputs @ fused_weight.t(), torch.float32,
+                             weight_of)
+    add_output_updates(plan, layer, slices, output, None, torch.float32, weight_of)
+    assert torch.equal(x, x_seen), "the layer input must not be modified in place"
     return output
 
 
@@ -82,6 +83,32 @@ def test_mixed_batch_of_every_family_equals_each_adapters_reference(model_name, 
                 assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (layer, modules, (got - want).abs().max())
                 base_rows = (slot_of_token < 0) | (store.bucket_of_slot[slot_of_token.clamp(min=0)] < 0)
                 assert torch.equal(got[base_rows], x[base_rows] @ fused_weight.t()), "base rows must be untouched"
+
+
+@pytest.mark.parametrize("case", ["lorta_heads_out", "lorta_heads_in"])
+def test_a_bucket_holding_most_tokens_beside_base_rows_equals_the_reference(model_name, specs, case):
+    """Most tokens on a few adapters of one bucket (LoRTA's heads_out expand then runs over all rows in place, the
+    others with exact zeros), the rest base rows or another family."""
+    spec = specs[model_name]
+    g = torch.Generator().manual_seed(5)
+    store = SlotStore(spec, 6, torch.float32, torch.device("cpu"))
+    adapters_by_slot = {}
+    for slot, name in ((0, case), (2, case), (3, case), (5, "miss")):
+        adapters_by_slot[slot] = make(name, spec, seed=40 + slot)
+        adapters_by_slot[slot].validate(spec)
+        store.assign(slot, adapters_by_slot[slot])
+    slot_of_token = torch.tensor([0, 2, -1, 3, 0, 0, 5, 2, -1, 3, 3, 0, 1, 2, 0])  # slot 1: empty
+    with torch.no_grad():
+        for layer in (0, spec.num_layers - 1):
+            for modules in (FUSED["qkv"], FUSED["o"]):
+                linears, slices, fused_weight = frozen_layer(spec, modules, g)
+                x = torch.randn(slot_of_token.numel(), spec.module_shape(modules[0])[0], generator=g)
+                got = native_forward(store, slot_of_token, layer, modules, x, linears, slices, fused_weight)
+                want = reference_forward(adapters_by_slot, slot_of_token, layer, modules, x, linears)
+                assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (layer, modules, (got - want).abs().max())
+                base_rows = torch.tensor([s not in adapters_by_slot for s in slot_of_token.tolist()])
+                base_output = x @ fused_weight.t()  # the same GEMM over the whole batch: its rows bit for bit
+                assert torch.equal(got[base_rows], base_output[base_rows]), "base rows must be untouched"
 
 
 def test_a_reused_slot_serves_its_new_adapter_and_idle_buckets_free_their_tables(specs):

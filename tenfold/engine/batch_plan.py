@@ -9,7 +9,7 @@ then run one batched matmul per bucket and module, whatever the number of adapte
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,12 +22,36 @@ class BucketGroup:
     chunk_rows: torch.Tensor  # [C] the bucket's table row used by each chunk
     row_range: slice | None   # chunk_rows as a slice when they are consecutive (tables then need no gather)
     chunk_size: int           # G
+    token_rows: torch.Tensor  # [n] the table row of each token, in the order of `tokens`
+    step_tokens: int          # T: every token of the step, the group's and the others
     padding: bool = True      # whether the layout has padding rows (positions is then not simply 0..n-1)
+    # per-step cache of the bucket's table rows this group reads (see `Bucket.rows`): a group lives for one plan
+    views: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to(self, device) -> "BucketGroup":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return BucketGroup(move(self.tokens), move(self.positions), move(self.padded), move(self.chunk_rows),
-                           self.row_range, self.chunk_size, self.padding)
+                           self.row_range, self.chunk_size, move(self.token_rows), self.step_tokens, self.padding)
+
+    @property
+    def dense(self) -> bool:
+        """Whether the group holds at least half of the step's tokens: ops may then run over all T rows in token
+        order (the other rows with exact zeros) instead of gathering and scattering the group's rows."""
+        return 2 * self.tokens.numel() >= self.step_tokens
+
+    def step_rows(self) -> torch.Tensor:
+        """[T] the table row of every token of the step in token order (row 0 for tokens outside the group, whose
+        inputs the caller zeroes), kept for the step."""
+        found = self.views.get("step_rows")
+        if found is None:
+            found = self.token_rows.new_zeros(self.step_tokens).index_copy_(0, self.tokens, self.token_rows)
+            self.views["step_rows"] = found
+        return found
+
+    def in_token_order(self, padded: torch.Tensor) -> torch.Tensor:
+        """Padded [C, G, k] -> [T, k] in token order, exact zeros on the rows of tokens outside the group."""
+        rows = self.real_rows(padded)
+        return rows.new_zeros(self.step_tokens, rows.shape[-1]).index_copy_(0, self.tokens, rows)
 
     @property
     def num_chunks(self) -> int:
@@ -49,9 +73,8 @@ class BucketGroup:
         return flat.index_select(0, self.positions) if self.padding else flat
 
 
-
-def group_tokens(tokens: torch.Tensor, rows: torch.Tensor) -> BucketGroup:
-    """Group one bucket's tokens (any order) by their table row."""
+def group_tokens(tokens: torch.Tensor, rows: torch.Tensor, step_tokens: int) -> BucketGroup:
+    """Group one bucket's tokens (any order) by their table row; step_tokens: all tokens of the step."""
     order = torch.argsort(rows, stable=True)
     tokens, rows = tokens[order], rows[order]
     unique_rows, counts = torch.unique_consecutive(rows, return_counts=True)
@@ -73,7 +96,8 @@ def group_tokens(tokens: torch.Tensor, rows: torch.Tensor) -> BucketGroup:
     chunk_rows = torch.repeat_interleave(unique_rows, chunks_per_group)
     consecutive = num_chunks == 1 or bool((chunk_rows[1:] - chunk_rows[:-1] == 1).all())
     row_range = slice(int(chunk_rows[0]), int(chunk_rows[0]) + num_chunks) if consecutive else None
-    return BucketGroup(tokens, positions, padded, chunk_rows, row_range, chunk_size, padding=n != padded.numel())
+    return BucketGroup(tokens, positions, padded, chunk_rows, row_range, chunk_size, rows, step_tokens,
+                       padding=n != padded.numel())
 
 
 def plan_batch(slot_indices: torch.Tensor, bucket_of_slot: torch.Tensor, row_of_slot: torch.Tensor
@@ -87,5 +111,5 @@ def plan_batch(slot_indices: torch.Tensor, bucket_of_slot: torch.Tensor, row_of_
     plan = []
     for bucket_id in torch.unique(bucket[bucket >= 0]).tolist():
         tokens = (bucket == bucket_id).nonzero().squeeze(1)
-        plan.append((bucket_id, group_tokens(tokens, row_of_slot[indices[tokens]])))
+        plan.append((bucket_id, group_tokens(tokens, row_of_slot[indices[tokens]], indices.numel())))
     return plan

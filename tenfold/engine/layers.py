@@ -4,6 +4,11 @@ tensor-parallel handling kept) with the dense per-slot buffers and punica ops re
 They are prepended to `vllm.lora.utils._all_lora_classes` and claim a layer only in native mode. After vLLM built
 them, the model-manager hook binds each one to the native state with its layer index and sub-modules (q/k/v of a
 fused qkv_proj, gate/up of gate_up_proj).
+
+Under tensor parallelism each wrapper holds its rank's shard (vLLM's own layers), the slot store holds the matching
+shard of every adapter (`sharding.py`), and a row-parallel layer's update is added before vLLM's all-reduce, which
+sums it with the other ranks' parts. Updates that read a layer's whole output (loretta_adp's post-adapter) run after
+that all-reduce, on every rank alike.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallel
                               MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA, ReplicatedLinearWithLoRA,
                               RowParallelLinearWithLoRA)
 
-from .families import LayerCall
+from .families import adapted_forward, add_output_updates
 from .mode import execution_mode
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -32,9 +37,6 @@ class NativeAdapterMixin:
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         # No per-slot buffers: adapters live in the slot store at their own size.
-        if self.tp_size > 1:
-            raise ValueError(f"tenfold's native mode does not shard adapters across tensor-parallel ranks yet "
-                             f"(tensor_parallel_size={self.tp_size}); serve with TENFOLD_MODE=convert")
         self.lora_config = lora_config
         if "output_slices" not in self.__dict__:
             self.output_slices = (self.output_size,)
@@ -54,25 +56,42 @@ class NativeAdapterMixin:
         if len(sub_modules) != len(self.output_slices):
             raise ValueError(f"tenfold native mode: {module_name} packs {sub_modules} but has "
                              f"{len(self.output_slices)} output slices")
+        shard = state.store.shard
+        expected = tuple(shard.out_range(m).stop - shard.out_range(m).start for m in sub_modules)
+        if (self.tp_size, self.tp_rank) != (shard.size, shard.rank) or tuple(self.output_slices) != expected:
+            raise ValueError(f"tenfold native mode: {module_name} on tensor-parallel rank {self.tp_rank}/{self.tp_size} "
+                             f"has output slices {tuple(self.output_slices)}, but tenfold shards {sub_modules} as "
+                             f"{expected} (rank {shard.rank}/{shard.size}); serve this model with TENFOLD_MODE=convert")
         self._native, self.layer_index = state, int(match.group(1))
         starts = [sum(self.output_slices[:i]) for i in range(len(self.output_slices))]
         self.sub_modules = {m: slice(s, s + n) for m, s, n in zip(sub_modules, starts, self.output_slices)}
         self._sub_module_names = tuple(sub_modules)
 
-    def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # vLLM's optional second CUDA stream for LoRA (VLLM_LORA_ENABLE_DUAL_STREAM) is not used: the native applies
+        # run in the layer's own stream, and some of them change the base GEMM's input
+        base = self._get_quant_method().apply
         if self._native is None:
-            return output
-        buckets = self._native.layer_plan(x.shape[-2] if x.ndim == 3 else x.shape[0], self.layer_index,
-                                          self._sub_module_names)
-        if not buckets:
-            return output
-        shape = output.shape
-        x2, out2 = (x.flatten(0, 1), output.flatten(0, 1)) if output.ndim == 3 else (x, output)
-        call = LayerCall(self.layer_index, self.sub_modules, x2, out2, self._native.store.dtype, self._frozen_weight)
-        for bucket, group in buckets:
-            bucket.apply(call, group)
-            call.commit(group)
-        return out2.reshape(shape)
+            return base(self.base_layer, x, bias)
+        plan = self._native.layer_plan(x.shape[-2] if x.ndim == 3 else x.shape[0], self.layer_index,
+                                       self._sub_module_names)
+        if not plan:
+            return base(self.base_layer, x, bias)
+        x2 = x.flatten(0, 1) if x.ndim == 3 else x
+        output = adapted_forward(plan, self.layer_index, self.sub_modules, x2,
+                                 lambda inputs: base(self.base_layer, inputs, bias), self._native.store.dtype,
+                                 self._frozen_weight)
+        if not self._reduces_output:  # this rank's output is complete: updates reading it can run now
+            output = self._add_reduced_updates(plan, output, None)
+        return output.view(*x.shape[:-1], output.shape[-1])
+
+    _reduces_output = False  # whether vLLM all-reduces this layer's output after `apply` (row-parallel layers)
+
+    def _add_reduced_updates(self, plan, output: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out2 = output.flatten(0, 1) if output.ndim == 3 else output
+        add_output_updates(plan, self.layer_index, self.sub_modules, out2, bias, self._native.store.dtype,
+                           self._frozen_weight)
+        return output
 
     def _frozen_weight(self, module: str) -> torch.Tensor:
         """The frozen weight rows [out_m, in] of one sub-module in the compute dtype, for bat's second pass and adp's
@@ -106,7 +125,17 @@ class NativeMergedQKVParallelLinear(NativeAdapterMixin, MergedQKVParallelLinearW
 
 
 class NativeRowParallelLinear(NativeAdapterMixin, RowParallelLinearWithLoRA):
-    pass
+    _reduces_output = True
+
+    def forward(self, input_):
+        result = super().forward(input_)  # apply (the partial updates of this rank), then vLLM's all-reduce
+        if self._native is None:
+            return result
+        output, bias = result if isinstance(result, tuple) else (result, None)
+        plan = self._native.layer_plan(output.shape[-2] if output.ndim == 3 else output.shape[0], self.layer_index,
+                                       self._sub_module_names)
+        output = self._add_reduced_updates(plan, output, bias) if plan else output
+        return (output, bias) if isinstance(result, tuple) else output
 
 
 class NativeReplicatedLinear(NativeAdapterMixin, ReplicatedLinearWithLoRA):

@@ -74,21 +74,29 @@ def _cached(kind: str, path, spec: ModelSpec, build):
 class NativeAdapter:
     adapter: Adapter  # validated against the served model
     fingerprint: str
-    slot_params: int  # entries of the adapter's row in its native slot tables
+    slot_params: int  # entries of the adapter's row in its native slot tables (of one tensor-parallel rank)
 
 
-def load_for_native(path, spec: ModelSpec) -> NativeAdapter:
-    """Load and validate against the served model (every family); raises AdapterError subclasses (and
-    FileNotFoundError for a missing directory) with messages fit for the user."""
-    return _cached("native", path, spec, lambda directory, version: _load_native(directory, version, spec))
+def load_for_native(path, spec: ModelSpec, tensor_parallel_size: int = 1) -> NativeAdapter:
+    """Load and validate against the served model (every family) and its tensor-parallel sharding; raises
+    AdapterError subclasses (and FileNotFoundError for a missing directory) with messages fit for the user."""
+    return _cached(f"native/tp{tensor_parallel_size}", path, spec,
+                   lambda directory, version: _load_native(directory, version, spec, tensor_parallel_size))
 
 
-def _load_native(directory: Path, version: str, spec: ModelSpec) -> NativeAdapter:
+def _load_native(directory: Path, version: str, spec: ModelSpec, tensor_parallel_size: int) -> NativeAdapter:
     from .families import BUCKETS
+    from .sharding import Shard
 
     adapter = load_adapter(directory, spec)
+    # the slot row as a worker would build it (rank 0: every rank's shard has the same widths), which also refuses
+    # factors that do not shard
+    try:
+        shard = Shard(spec, 0, tensor_parallel_size)
+    except ValueError as e:
+        raise AdapterMismatchError(f"{directory}: {e}") from None
     bucket = BUCKETS[adapter.family](BUCKETS[adapter.family].signature_of(adapter), spec, torch.float32,
-                                     torch.device("cpu"))
+                                     torch.device("cpu"), shard)
     with torch.no_grad():
         slot_params = sum(t.numel() for t in bucket.row_tensors(adapter).values())
     return NativeAdapter(adapter, version, slot_params)

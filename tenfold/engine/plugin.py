@@ -14,6 +14,7 @@ def register() -> None:
 
     vllm_compat.apply()
     _register_resolver()
+    _tune_cpu_allocator()
     _registered = True
 
 
@@ -25,3 +26,12 @@ def _register_resolver() -> None:
     root = root_from_env()
     if root is not None and "tenfold" not in LoRAResolverRegistry.get_supported_resolvers():
         LoRAResolverRegistry.register_resolver("tenfold", AdapterRootResolver(root))
+
+
+def _tune_cpu_allocator() -> None:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from .cpu_malloc import tune_malloc
+
+        tune_malloc()

@@ -13,11 +13,14 @@ import torch
 
 from ..adapters import Adapter, ModelSpec
 from .families import BUCKETS, Bucket
+from .sharding import Shard
 
 
 class SlotStore:
-    def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device,
+                 shard: Shard | None = None):
         self.spec, self.num_slots, self.dtype, self.device = spec, num_slots, dtype, device
+        self.shard = shard or Shard(spec)  # this worker's tensor-parallel part of every layer
         self.buckets: dict[int, Bucket] = {}
         self._bucket_ids: dict[tuple, int] = {}
         self._next_id = itertools.count()
@@ -36,7 +39,7 @@ class SlotStore:
         if bucket_id is None:
             bucket_id = next(self._next_id)
             self._bucket_ids[signature] = bucket_id
-            self.buckets[bucket_id] = bucket_cls(signature, self.spec, self.dtype, self.device)
+            self.buckets[bucket_id] = bucket_cls(signature, self.spec, self.dtype, self.device, self.shard)
         self.row_of_slot[slot] = self.buckets[bucket_id].allocate(adapter, self.num_slots)
         self.bucket_of_slot[slot] = bucket_id
         self.version += 1

@@ -91,13 +91,14 @@ def _patch_worker_loading() -> None:
     def __init__(self, vllm_config, *args, **kwargs):
         original_init(self, vllm_config, *args, **kwargs)
         self._tenfold_spec = served_spec(vllm_config)
+        self._tenfold_tp = vllm_config.parallel_config.tensor_parallel_size
         self._tenfold_fingerprints = {}
 
     def _load_adapter(self, lora_request):
         path = get_adapter_absolute_path(lora_request.lora_path)
         try:
             if execution_mode() == "native":
-                native = load_for_native(path, self._tenfold_spec)
+                native = load_for_native(path, self._tenfold_spec, self._tenfold_tp)
                 self._tenfold_fingerprints[lora_request.lora_int_id] = native.fingerprint
                 return NativeLoRAModel(lora_request.lora_int_id, native.adapter)
             converted = convert_for_vllm(path, self._tenfold_spec, self.lora_config.max_lora_rank)
@@ -188,7 +189,7 @@ def _patch_request_validation() -> None:
             self._tenfold_spec = served_spec(self.vllm_config)
         path = get_adapter_absolute_path(lora_request.lora_path)
         if execution_mode() == "native":
-            load_for_native(path, self._tenfold_spec)
+            load_for_native(path, self._tenfold_spec, self.vllm_config.parallel_config.tensor_parallel_size)
         else:
             convert_for_vllm(path, self._tenfold_spec, self.lora_config.max_lora_rank)
 
@@ -336,6 +337,7 @@ def _patch_native_execution() -> None:
     from .mode import execution_mode
     from .native_model import NativeLoRAModel
     from .native_state import NativeState
+    from .sharding import Shard
     from .slots import SlotStore
 
     if NATIVE_LAYER_CLASSES[0] not in lora_utils._all_lora_classes:
@@ -363,16 +365,23 @@ def _patch_native_execution() -> None:
                              f"this model with TENFOLD_MODE=convert")
         spec = served_spec_of_model(self.model)
         dtype = torch.float32 if self.device.type == "cpu" else self.lora_config.lora_dtype
-        store = SlotStore(spec, self.lora_slots, dtype, self.device)
+        first = next(iter(wrappers.values()), None)
+        try:  # this worker's tensor-parallel part of every layer, as the wrappers hold it
+            shard = Shard(spec, first.tp_rank, first.tp_size) if first is not None else Shard(spec)
+        except ValueError as e:
+            raise ValueError(f"{e}; or serve this model with TENFOLD_MODE=convert") from None
+        store = SlotStore(spec, self.lora_slots, dtype, self.device, shard)
         punica = self._get_punica_wrapper(next(iter(wrappers), "")) if wrappers else None
         self._tenfold_native = NativeState(store, punica)
         for name, module in wrappers.items():
             suffix = name.rsplit(".", 1)[-1]
             module.bind_native(self._tenfold_native, name, self.packed_modules_mapping.get(suffix) or [suffix])
         # under vLLM's logger namespace, so it reaches vLLM's start-up log
-        logging.getLogger("vllm.tenfold").info("tenfold native mode: %d slots, %d layers wrapped; no per-slot buffers are reserved (%d bytes of "
-                    "slot index per slot); each adapter's row is allocated at its own size when it takes a slot",
-                    self.lora_slots, len(wrappers), store.index_bytes_per_slot())
+        logging.getLogger("vllm.tenfold").info(
+            "tenfold native mode: %d slots, %d layers wrapped%s; no per-slot buffers are reserved (%d bytes of slot "
+            "index per slot); each adapter's row is allocated at its own size when it takes a slot", self.lora_slots,
+            len(wrappers), f" on tensor-parallel rank {shard.rank}/{shard.size}" if shard.sharded else "",
+            store.index_bytes_per_slot())
 
     def _add_adapter(self, lora):
         if isinstance(lora, NativeLoRAModel):

@@ -11,34 +11,41 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
 from ...adapters import Adapter, ModelSpec
 from ..batch_plan import BucketGroup
+from ..sharding import Shard
 
 
-@dataclass
 class LayerCall:
     """One wrapped linear layer's forward, as the buckets see it. A bucket's apply adds per-module deltas for its
     group's tokens; `commit` then writes them into the output with one row-wise index_add over the full width
-    (an index_add into a column slice of the output takes a slow scatter path)."""
+    (an index_add into a column slice of the output takes a slow scatter path). A plain slotted class: one is made
+    per wrapped layer and step, so its construction is on the hot path."""
 
-    layer: int
-    modules: dict[str, slice]           # sub-module name -> its columns in the layer's output (q/k/v, gate/up)
-    x: torch.Tensor                     # [T, in] the layer input
-    output: torch.Tensor                # [T, out] the base output, updated in place
-    compute_dtype: torch.dtype
-    weight_of: callable                 # module name -> frozen weight rows [out_m, in] in compute_dtype (bat, adp)
-    _x_compute: torch.Tensor | None = field(default=None, repr=False)
-    _pending: dict = field(default_factory=dict, repr=False)
+    __slots__ = ("layer", "modules", "x", "output", "compute_dtype", "weight_of", "scratch", "_x_compute",
+                 "_pending")
+
+    def __init__(self, layer: int, modules: dict[str, slice], x: torch.Tensor, output: torch.Tensor | None,
+                 compute_dtype: torch.dtype, weight_of: Callable[[str], torch.Tensor]):
+        self.layer = layer                   # decoder layer index
+        self.modules = modules               # sub-module name -> its columns in the output (q/k/v, gate/up)
+        self.x = x                           # [T, in] the layer input (the adapters' input, never modified)
+        self.output = output                 # [T, out] the base output, updated in place (None before the GEMM)
+        self.compute_dtype = compute_dtype
+        self.weight_of = weight_of           # module -> frozen weight rows [out_m, in] in compute_dtype (bat, adp)
+        self.scratch: dict = {}              # what a bucket's adapt_input leaves for its apply, keyed by bucket
+        self._x_compute: torch.Tensor | None = None
+        self._pending: dict = {}
 
     @property
     def x_compute(self) -> torch.Tensor:
         if self._x_compute is None:
-            self._x_compute = self.x.to(self.compute_dtype)
+            self._x_compute = self.x if self.x.dtype == self.compute_dtype else self.x.to(self.compute_dtype)
         return self._x_compute
 
     def add(self, module: str, group: BucketGroup, padded_delta: torch.Tensor) -> None:
@@ -54,25 +61,68 @@ class LayerCall:
         self._pending[None] = group.real_rows(padded_delta)
 
     def commit(self, group: BucketGroup) -> None:
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             return
-        if None in self._pending:
-            delta = self._pending[None]
-        else:
-            n = group.tokens.numel()
-            parts = [self._pending.get(m) for m in self.modules]
-            parts = [p if p is not None else self.output.new_zeros(n, s.stop - s.start, dtype=self.compute_dtype)
-                     for p, s in zip(parts, self.modules.values())]
-            delta = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-        self.output.index_add_(0, group.tokens, delta.to(self.output.dtype))
-        self._pending.clear()
+        delta = pending.get(None)
+        if delta is None:
+            if len(self.modules) == 1:
+                (delta,) = pending.values()
+            else:
+                n = group.tokens.numel()
+                parts = [pending.get(m) for m in self.modules]
+                parts = [p if p is not None else self.output.new_zeros(n, s.stop - s.start, dtype=self.compute_dtype)
+                         for p, s in zip(parts, self.modules.values())]
+                delta = torch.cat(parts, -1)
+        self.output.index_add_(0, group.tokens, delta if delta.dtype == self.output.dtype else
+                               delta.to(self.output.dtype))
+        pending.clear()
+
+
+def adapted_forward(plan: list, layer: int, modules: dict[str, slice], x: torch.Tensor,
+                    base_forward: Callable[[torch.Tensor], torch.Tensor], compute_dtype: torch.dtype,
+                    weight_of: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """One wrapped layer's forward for a step's plan [(bucket, group)]: the buckets may change the base GEMM's input
+    rows of their tokens, the base GEMM runs once for all tokens, then each bucket adds its update."""
+    call = LayerCall(layer, modules, x, None, compute_dtype, weight_of)
+    inputs = x
+    for bucket, group in plan:
+        inputs = bucket.adapt_input(call, group, inputs)
+    call.output = base_forward(inputs)
+    for bucket, group in plan:
+        bucket.apply(call, group)
+        call.commit(group)
+    return call.output
+
+
+def add_output_updates(plan: list, layer: int, modules: dict[str, slice], output: torch.Tensor,
+                       bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                       weight_of: Callable[[str], torch.Tensor]) -> None:
+    """The updates of the plan's buckets that read the layer's whole output (+ its separately returned bias),
+    added to `output` [T, out] in place: after `adapted_forward`, and after vLLM's all-reduce for row-parallel
+    layers."""
+    plan = [(b, g) for b, g in plan if b.reads_output]
+    if not plan:
+        return
+    # the updates read `output` as it is being updated: safe, since each bucket reads and writes only its own
+    # tokens' rows, and computes all of them before its commit
+    call = LayerCall(layer, modules, output if bias is None else output + bias, output, compute_dtype, weight_of)
+    for bucket, group in plan:
+        bucket.apply_reduced(call, group)
+        call.commit(group)
 
 
 class Bucket(ABC):
     family: ClassVar[str]
+    reads_output: ClassVar[bool] = False  # whether the family has updates that read a layer's whole output
+    # whether gathered (non-consecutive) rows are kept for the step: yes for families whose tables are shared by
+    # every layer (small); per-layer tables are gathered per call rather than all held at once
+    keep_gathered_rows: ClassVar[bool] = False
 
-    def __init__(self, signature: tuple, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    def __init__(self, signature: tuple, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                 shard: Shard | None = None):
         self.signature, self.spec, self.dtype, self.device = signature, spec, dtype, device
+        self.shard = shard or Shard(spec)  # row_tensors keep this tensor-parallel rank's part of each factor
         self.tables: dict[str, torch.Tensor] = {}
         self.capacity = 0
         self._free: list[int] = []  # a heap of released rows below the high-water mark
@@ -87,7 +137,8 @@ class Bucket(ABC):
 
     @abstractmethod
     def row_tensors(self, adapter: Adapter) -> dict[str, torch.Tensor]:
-        """The adapter's factors as this bucket stores them (one row of each table)."""
+        """The adapter's factors as this bucket stores them (one row of each table), sharded like the layers of
+        this tensor-parallel rank (`self.shard`)."""
 
     @abstractmethod
     def adapts(self, layer: int, module: str) -> bool:
@@ -96,6 +147,16 @@ class Bucket(ABC):
     @abstractmethod
     def apply(self, call: LayerCall, group: BucketGroup) -> None:
         """Add the update of the group's tokens to call.output."""
+
+    def apply_reduced(self, call: LayerCall, group: BucketGroup) -> None:
+        """Add an update that reads the layer's whole output, here call.x (call.output is the same values, updated
+        in place): run after a row-parallel layer's all-reduce, on every rank alike, and right after the layer's
+        own update otherwise (families with `reads_output`)."""
+
+    def adapt_input(self, call: LayerCall, group: BucketGroup, inputs: torch.Tensor) -> torch.Tensor:
+        """The base GEMM's input: `inputs` (call.x, or what an earlier bucket made of it) with this bucket's tokens
+        changed where the family adapts the layer input itself; never modifies call.x in place."""
+        return inputs
 
     # --- rows -----------------------------------------------------------------------------------------------------
     def allocate(self, adapter: Adapter, max_rows: int) -> int:
@@ -131,15 +192,30 @@ class Bucket(ABC):
     def bytes_per_row(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.tables.values()) if self.capacity else 0
 
-    def rows(self, name: str, group: BucketGroup) -> torch.Tensor:
-        return group.rows_of(self.tables[name])
+    def rows(self, name: str, group: BucketGroup, layer: int | None = None) -> torch.Tensor:
+        """Per-chunk rows [C, ...] of table `name` (of one layer, for tables with a layer axis after the row).
+        Kept on the group for the step: every layer reads the same rows, so the slicing (or, for scattered rows, the
+        gather of a layer-shared table) happens once per step rather than once per layer call."""
+        key = name if layer is None else (name, layer)
+        found = group.views.get(key)
+        if found is None:
+            found = group.views.get(name)
+            if found is None:
+                found = group.rows_of(self.tables[name])
+                if self.keep_gathered_rows or group.row_range is not None:
+                    group.views[name] = found
+            if layer is not None:
+                found = found[:, layer]
+                group.views[key] = found
+        return found
 
 
 class PerModuleBucket(Bucket):
     """A family with factors per (layer, module): the last item of its signature is the adapter's targets."""
 
-    def __init__(self, signature: tuple, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
-        super().__init__(signature, spec, dtype, device)
+    def __init__(self, signature: tuple, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                 shard: Shard | None = None):
+        super().__init__(signature, spec, dtype, device, shard)
         self._targets = frozenset(signature[-1])
 
     def adapts(self, layer: int, module: str) -> bool:

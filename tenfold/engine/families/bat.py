@@ -1,12 +1,12 @@
-"""Bat: per (layer, module) one D_i [r, r] per output block; the apply makes a second pass over the frozen weight,
-for the bucket's tokens only."""
+"""Bat: per (layer, module) one D_i [r, r] per output block, stored as D^T [r, out]; the apply makes a second pass
+over the frozen weight, for the bucket's tokens only."""
 
 from __future__ import annotations
 
 from ...adapters.base import key_name
-from ...kernels.bat import bat_apply, bat_transform
+from ...adapters.errors import where
+from ...kernels.bat import bat_delta, bat_table
 from .base import PerModuleBucket
-from .miss import block_rows
 
 
 class BatBucket(PerModuleBucket):
@@ -17,7 +17,14 @@ class BatBucket(PerModuleBucket):
         return "bat", adapter.rank, tuple(adapter.targets)
 
     def row_tensors(self, adapter):
-        return block_rows(adapter)
+        tables = {}
+        for key in adapter.targets:
+            d_t = bat_table(adapter.block(key))  # [r, out]
+            if self.shard.sharded:  # this rank's output blocks; its input blocks are its own columns of x and W0
+                self.shard.require_blocks(key[1], adapter.rank, "Bat", where(adapter.source, key_name(key)))
+                d_t = d_t[:, self.shard.out_range(key[1])]
+            tables[f"Dt.{key_name(key)}"] = d_t
+        return tables
 
     def apply(self, call, group):
         targeted = self.targeted(call)
@@ -25,6 +32,5 @@ class BatBucket(PerModuleBucket):
             return
         x = group.gather(call.x_compute)
         for m in targeted:
-            z = bat_transform(x, self.rows(f"D.{key_name((call.layer, m))}", group))
-            z = group.real_rows(z)
-            call.add_rows(m, bat_apply(z, call.weight_of(m)))
+            dy = bat_delta(x, self.rows(f"Dt.{key_name((call.layer, m))}", group), call.weight_of(m))
+            call.add_rows(m, group.real_rows(dy.view(x.shape[0], x.shape[1], -1)))

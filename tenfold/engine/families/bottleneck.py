@@ -2,9 +2,11 @@
 scaling; TT cores are contracted when the adapter takes a slot (absent biases are stored as zeros, exactly).
 
 Placement: pre-adapters on gate_proj and up_proj inputs, y = W0 (x + a(x)). vLLM fuses gate and up into one
-projection whose two halves would need two different inputs, so the base output (computed on x) is corrected per
-half by W0_half a(x) for the adapter's tokens only. The post-adapter on down_proj reads the base output:
-y = W0 x + a(W0 x).
+projection whose two halves would need two different inputs: the base GEMM runs on x + a_gate(x) for the adapter's
+tokens (the "carrier" half, exact), and the other half is corrected by W0_up (a_up(x) - a_gate(x)) for those tokens
+only. That is one extra pass over half of the fused weight per token, where correcting both halves of a GEMM on x
+would take the whole weight. The post-adapter on down_proj reads the layer's whole output, y = W0 x + a(W0 x):
+under tensor parallelism it runs after vLLM's all-reduce, on every rank on the same replicated output.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from .base import PerModuleBucket
 
 class BottleneckBucket(PerModuleBucket):
     family = "loretta_adp"
+    reads_output = True
 
-    def __init__(self, signature, spec, dtype, device):
-        super().__init__(signature, spec, dtype, device)
+    def __init__(self, signature, spec, dtype, device, shard=None):
+        super().__init__(signature, spec, dtype, device, shard)
         _, self.bottleneck_size, non_linearity, _ = signature
         self._act = ACT2FN[non_linearity]
 
@@ -48,16 +51,31 @@ class BottleneckBucket(PerModuleBucket):
                           self.rows(f"Wu.{name}", group), self.rows(f"bu.{name}", group),
                           self.rows(f"s.{name}", group), self._act)
 
+    def adapt_input(self, call, group, inputs):
+        pre = [m for m in self.targeted(call) if PLACEMENT[m] == "pre"]
+        if not pre:
+            return inputs
+        x = group.gather(call.x_compute)
+        outputs = {m: group.real_rows(self._adapter_output(key_name((call.layer, m)), x, group)) for m in pre}
+        carrier = pre[0]
+        call.scratch[self] = carrier, outputs
+        if inputs is call.x:  # the layer's own input stays as vLLM passed it
+            inputs = inputs.clone()
+        inputs.index_add_(0, group.tokens, outputs[carrier].to(inputs.dtype))
+        return inputs
+
     def apply(self, call, group):
-        targeted = self.targeted(call)
-        pre = [m for m in targeted if PLACEMENT[m] == "pre"]
-        x = group.gather(call.x_compute) if pre else None
-        for m in targeted:
-            name = key_name((call.layer, m))
-            if PLACEMENT[m] == "pre":
-                a = self._adapter_output(name, x, group)
-                a = group.real_rows(a)
-                call.add_rows(m, a @ call.weight_of(m).t())
-            else:  # post: the module's whole output is the adapter's input
-                y = group.gather(call.output[:, call.modules[m]].to(call.compute_dtype))
-                call.add(m, group, self._adapter_output(name, y, group))
+        carrier, outputs = call.scratch.pop(self, (None, {}))
+        if carrier is not None:
+            # every other sub-module of the fused GEMM saw x + a_carrier(x) instead of x + a_m(x) (a_m = 0 where
+            # the adapter does not target m)
+            for m in call.modules:
+                if m != carrier:
+                    wrong = outputs[m] - outputs[carrier] if m in outputs else -outputs[carrier]
+                    call.add_rows(m, wrong @ call.weight_of(m).t())
+
+    def apply_reduced(self, call, group):
+        for m in self.targeted(call):
+            if PLACEMENT[m] == "post":  # the module's whole output is the adapter's input
+                y = group.gather(call.x_compute[:, call.modules[m]])
+                call.add(m, group, self._adapter_output(key_name((call.layer, m)), y, group))

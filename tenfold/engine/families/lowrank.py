@@ -16,8 +16,8 @@ from .base import PerModuleBucket
 class LowRankBucket(PerModuleBucket):
     family = "lowrank"
 
-    def __init__(self, signature, spec, dtype, device):
-        super().__init__(signature, spec, dtype, device)
+    def __init__(self, signature, spec, dtype, device, shard=None):
+        super().__init__(signature, spec, dtype, device, shard)
         self.rank = signature[1]
 
     @classmethod
@@ -30,8 +30,11 @@ class LowRankBucket(PerModuleBucket):
         tensors = {}
         for key in adapter.targets:
             a, b = adapter.lora_factors(key)  # A [r, in], B [out, r] with the scaling folded in
+            a, b = a[:, self.shard.in_range(key[1])], b[self.shard.out_range(key[1])]  # this rank's columns
             pad = self.rank - a.shape[0]      # modules of lower rank are zero-padded (exact)
-            tensors[f"A.{key_name(key)}"] = torch.nn.functional.pad(a.t(), (0, pad))
+            # A kept as [r, in]: the shrink reads it through a transposed view, which the batched matmul runs faster
+            # than the same product on an [in, r] table
+            tensors[f"A_t.{key_name(key)}"] = torch.nn.functional.pad(a, (0, 0, 0, pad))
             tensors[f"B.{key_name(key)}"] = torch.nn.functional.pad(b.t(), (0, 0, 0, pad))
         return tensors
 
@@ -39,5 +42,5 @@ class LowRankBucket(PerModuleBucket):
         x = group.gather(call.x_compute)
         for module in self.targeted(call):
             name = key_name((call.layer, module))
-            h = lowrank_shrink(x, self.rows(f"A.{name}", group))
+            h = lowrank_shrink(x, self.rows(f"A_t.{name}", group).transpose(1, 2))
             call.add(module, group, lowrank_expand(h, self.rows(f"B.{name}", group)))

@@ -7,20 +7,16 @@ tokens and shared by the sub-modules that read the same input (q, k, v; gate, up
 from __future__ import annotations
 
 from ...adapters.base import key_name
+from ...adapters.errors import where
 from ...kernels.miss import miss_expand, miss_shrink
 from .base import PerModuleBucket
-
-
-def block_rows(adapter) -> dict:
-    """One table per (layer, module): the module's miss_block (MiSS D or mini block, Bat's D_i stack)."""
-    return {f"D.{key_name(key)}": adapter.block(key) for key in adapter.targets}
 
 
 class MissBucket(PerModuleBucket):
     family = "miss"
 
-    def __init__(self, signature, spec, dtype, device):
-        super().__init__(signature, spec, dtype, device)
+    def __init__(self, signature, spec, dtype, device, shard=None):
+        super().__init__(signature, spec, dtype, device, shard)
         _, self.rank, self.variant, self.mini_r, _ = signature
 
     @classmethod
@@ -28,7 +24,19 @@ class MissBucket(PerModuleBucket):
         return "miss", adapter.rank, adapter.config["variant"], adapter.config.get("mini_r"), tuple(adapter.targets)
 
     def row_tensors(self, adapter):
-        return block_rows(adapter)
+        tables = {}
+        for key in adapter.targets:
+            d = adapter.block(key)  # D [r, out] or mini [r, mini_r]
+            if self.shard.sharded:
+                module, context = key[1], where(adapter.source, key_name(key))
+                # a row-parallel rank block-sums its own input columns: blocks must not straddle its shard
+                self.shard.require_blocks(module, self.rank, "MiSS", context, sides=("input",))
+                if self.variant == "mini":  # the mini block repeats along the output: the shard must hold periods
+                    self.shard.require_blocks(module, self.mini_r, "MiSS mini", context, sides=("output",))
+                else:
+                    d = d[:, self.shard.out_range(module)]
+            tables[f"D.{key_name(key)}"] = d
+        return tables
 
     def apply(self, call, group):
         targeted = self.targeted(call)
@@ -37,4 +45,5 @@ class MissBucket(PerModuleBucket):
         u = group.gather(miss_shrink(call.x_compute, self.rank))
         for m in targeted:
             d = self.rows(f"D.{key_name((call.layer, m))}", group)
-            call.add(m, group, miss_expand(u, d, self.spec.module_shape(m)[1]))
+            columns = call.modules[m]
+            call.add(m, group, miss_expand(u, d, columns.stop - columns.start))
