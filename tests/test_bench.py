@@ -97,3 +97,38 @@ def test_poisson_bench_drives_a_running_server_through_the_openai_api(tmp_path, 
     (row,) = results["results"]
     check_row(row, 5, 3)
     assert results["settings"]["arrival"] == "poisson:20" and not (tmp_path / "out" / "throughput.png").exists()
+
+
+def test_bench_serves_a_directory_of_the_users_adapters_of_mixed_families(tmp_path, tiny_model_dirs, specs):
+    from adapter_cases import make
+    from tenfold.adapters import save_adapter
+
+    adapters = tmp_path / "my-adapters"
+    for i, case in enumerate(["lorta_heads_out", "miss", "lora"]):
+        save_adapter(make(case, specs["gqa"], seed=70 + i), adapters / f"a{i}-{case}")
+    (adapters / "notes").mkdir()  # not an adapter directory: skipped
+    results = run_bench(tmp_path, tiny_model_dirs["gqa"], "--adapter-dir", str(adapters), "--adapters", "2",
+                        "--modes", "native,vllm-lora", "--requests", "4", "--no-plots")
+    assert [row["label"] for row in results["results"]] == ["native:dir:my-adapters@2", "vllm-lora:dir:my-adapters@2"]
+    for row in results["results"]:
+        check_row(row, 4, 2)
+    assert results["settings"]["adapter_dir"] == str(adapters)
+
+
+@pytest.mark.parametrize("problem", ["empty", "too-few"])
+def test_bench_refuses_an_unusable_adapter_directory_before_starting_an_engine(tmp_path, tiny_model_dirs, specs,
+                                                                              problem):
+    from adapter_cases import make
+    from tenfold.adapters import save_adapter
+
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    if problem == "too-few":
+        save_adapter(make("miss", specs["gqa"], seed=1), adapters / "only-one")
+    done = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "bench", "--model", str(tiny_model_dirs["gqa"]),
+                           "--adapter-dir", str(adapters), "--adapters", "2", "--out", str(tmp_path / "out"),
+                           "--no-plots"], capture_output=True, text=True, timeout=300, env={**os.environ, **CPU_ENV})
+    assert done.returncode != 0
+    expected = "no adapter directories" if problem == "empty" else "holds 1 adapter directories"
+    assert expected in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out" / "logs").exists() or not list((tmp_path / "out" / "logs").iterdir())

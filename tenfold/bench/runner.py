@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import report
-from .workload import (CPU_ENV, Lengths, Popularity, adapter_info, build_model, distinct_used, machine_info,
-                       make_requests, synth_adapters, vllm_lora_rank)
+from .workload import (CPU_ENV, Lengths, Popularity, adapter_dir_entries, adapter_info, build_model, distinct_used,
+                       machine_info, make_requests, synth_adapters, user_adapters, vllm_lora_rank)
 
 MODES = ("base", "native", "convert", "vllm-lora")
 RUN_TIMEOUT_S = 3600
@@ -43,18 +43,19 @@ def parse_arrival(text: str) -> float | None:
     return value
 
 
-def plan_runs(args, families) -> list[dict]:
-    """Every (mode, family, number of adapters) to run; base once. Convert and vllm-lora only serve families whose
-    update has an exact LoRA form (bat and loretta_adp have none)."""
-    from ..adapters import FAMILIES
+DIR_PREFIX = "dir:"  # the "family" of runs over --adapter-dir: dir:<directory name>
 
+
+def plan_runs(args, families, exact_lora: dict[str, bool]) -> list[dict]:
+    """Every (mode, family, number of adapters) to run; base once. Convert and vllm-lora only serve families whose
+    update has an exact LoRA form (bat and loretta_adp have none); exact_lora tells it per family."""
     runs = [{"mode": "base", "family": None, "num_adapters": 0}] if "base" in args.modes else []
     for count in args.adapters:
         for family in families:
             for mode in args.modes:
                 if mode == "base":
                     continue
-                if mode in ("convert", "vllm-lora") and not FAMILIES[family].has_exact_lora:
+                if mode in ("convert", "vllm-lora") and not exact_lora[family]:
                     continue
                 runs.append({"mode": mode, "family": family, "num_adapters": count})
     return runs
@@ -100,7 +101,14 @@ def main(args) -> int:
 
     model_dir = Path(args.model) if args.model else build_model(args.cache_dir)
     vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
-    runs = plan_runs(args, families)
+    if args.adapter_dir is not None:  # the user's adapters instead of synthetic ones
+        families = [DIR_PREFIX + args.adapter_dir.name]
+        exact_lora = {families[0]: directory_has_exact_lora(args.adapter_dir, model_dir, max(args.adapters))}
+    else:
+        from ..adapters import FAMILIES
+
+        exact_lora = {f: FAMILIES[f].has_exact_lora for f in families}
+    runs = plan_runs(args, families, exact_lora)
     if not runs:
         raise SystemExit("tenfold bench: nothing to run: the chosen modes serve none of the chosen families")
     rows = []
@@ -113,8 +121,13 @@ def main(args) -> int:
                                  args.output_len, vocab_size, rate, args.seed)
         paths, info = [], {}
         if run["family"] is not None:
-            paths = synth_adapters(run["family"], run["num_adapters"], model_dir, args.cache_dir, args.dtype,
-                                   lora_form=run["mode"] == "vllm-lora", progress=True)
+            lora_form = run["mode"] == "vllm-lora"
+            if run["family"].startswith(DIR_PREFIX):
+                paths = user_adapters(args.adapter_dir, run["num_adapters"], model_dir, args.cache_dir,
+                                      lora_form=lora_form, progress=True)
+            else:
+                paths = synth_adapters(run["family"], run["num_adapters"], model_dir, args.cache_dir, args.dtype,
+                                       lora_form=lora_form, progress=True)
             info = adapter_info(paths[0])
         used = distinct_used(requests)
         max_num_seqs = min(args.requests, args.max_num_seqs)
@@ -143,6 +156,7 @@ def main(args) -> int:
                shlex.join(sys.argv),
                "machine": machine_info(),
                "settings": {"model": str(model_dir), "dtype": args.dtype, "families": families,
+                            "adapter_dir": str(args.adapter_dir) if args.adapter_dir else None,
                             "adapters": args.adapters, "modes": args.modes, "popularity": str(args.popularity),
                             "arrival": args.arrival, "requests": args.requests, "prompt_len": str(args.prompt_len),
                             "output_len": str(args.output_len), "repeats": args.repeats, "rounds": args.rounds,
@@ -155,6 +169,21 @@ def main(args) -> int:
         written += report.plot(rows, args.out)
     print("wrote " + ", ".join(str(p) for p in written))
     return 1 if any("error" in row for row in rows) else 0
+
+
+def directory_has_exact_lora(adapter_dir: Path, model_dir: Path, count: int) -> bool:
+    """Whether every adapter a run would use (the first `count` of the directory) has an exact LoRA form; each is
+    read and validated against the model here, so a bad adapter stops the benchmark before any engine starts."""
+    from ..adapters import AdapterError, ModelSpec, load_adapter
+
+    spec = ModelSpec.from_pretrained(model_dir)
+    try:
+        paths = adapter_dir_entries(adapter_dir)
+        if count > len(paths):
+            raise ValueError(f"--adapters {count}, but {adapter_dir} holds {len(paths)} adapter directories")
+        return all(load_adapter(p, spec).has_exact_lora for p in paths[:count])
+    except (ValueError, AdapterError) as e:
+        raise SystemExit(f"tenfold bench: {e}") from None
 
 
 def _argument(parse):
@@ -195,6 +224,10 @@ def add_arguments(parser) -> None:
             raise ValueError("adapter counts must be >= 1")
         return values
 
+    parser.add_argument("--adapter-dir", type=Path,
+                        help="serve your own adapters: every sub-directory of DIR (any tenfold format, families may "
+                             "mix), the first N by name for each --adapters N; --families is then ignored "
+                             "(default: synthetic adapters, random non-zero factors, of --families)")
     parser.add_argument("--model", help="base model directory (default: the benchmark model, hidden 512, 8 layers, "
                                         "random weights, built into --cache-dir)")
     parser.add_argument("--families", type=_argument(families), default=["lorta"],

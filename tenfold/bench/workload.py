@@ -84,6 +84,49 @@ def synth_adapters(family: str, count: int, model_dir: Path, cache_dir: Path, dt
     return paths
 
 
+def user_adapters(adapter_dir: Path, count: int, model_dir: Path, cache_dir: Path, lora_form: bool = False,
+                  progress: bool = False) -> list[Path]:
+    """The first `count` adapters (by name) of `adapter_dir`, one per sub-directory in any format tenfold reads, each
+    validated against the model; with `lora_form`, their exact LoRA form written once into the cache (keyed by the
+    adapter files' fingerprint, so an edited adapter is converted again). Nothing is written next to the user's files."""
+    from tqdm import tqdm
+
+    from ..adapters import ModelSpec, load_adapter
+    from ..adapters.convert import convert_to_lora
+    from ..engine.loader import fingerprint
+
+    paths = adapter_dir_entries(adapter_dir)
+    if count > len(paths):
+        raise ValueError(f"--adapters {count}: {adapter_dir} holds only {len(paths)} adapter directories")
+    paths = paths[:count]
+    if not lora_form:
+        return paths
+    spec = ModelSpec.from_pretrained(model_dir)
+    converted = []
+    for path in tqdm(paths, desc=f"{adapter_dir.name} (LoRA form)", unit="adapter", disable=not progress):
+        out = cache_dir / "converted" / f"{path.name}-{fingerprint(path)}"
+        if not (out / "adapter_config.json").is_file():
+            tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert_to_lora(load_adapter(path, spec), tmp, str(model_dir))
+            try:
+                tmp.rename(out)
+            except OSError:  # a concurrent run finished the same conversion first
+                shutil.rmtree(tmp)
+        converted.append(out)
+    return converted
+
+
+def adapter_dir_entries(adapter_dir: Path) -> list[Path]:
+    """The adapter directories (those with an adapter_config.json) directly under `adapter_dir`, sorted by name."""
+    if not adapter_dir.is_dir():
+        raise ValueError(f"--adapter-dir {adapter_dir}: not a directory")
+    paths = sorted(p for p in adapter_dir.iterdir() if (p / "adapter_config.json").is_file())
+    if not paths:
+        raise ValueError(f"--adapter-dir {adapter_dir}: no adapter directories (with an adapter_config.json) in it")
+    return paths
+
+
 def model_identity(model_dir: Path) -> Path:
     """The file that identifies a model for the adapter cache: tenfold's record of a generated model, else its
     config.json."""
