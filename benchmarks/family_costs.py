@@ -35,7 +35,13 @@ def apply_macs(family: str, adapter, spec: ModelSpec) -> int:
             total += 2 * fan_in * fan_out  # block transform D_i x_j, then the second pass over W0
         elif family == "loretta_adp":
             d, b = spec.hidden_size, adapter.rank
-            total += 2 * d * b + (fan_in * fan_out if m in ("gate_proj", "up_proj") else 0)  # pre: W0_half a(x)
+            total += 2 * d * b  # the bottleneck itself
+    if family == "loretta_adp":  # pre-adapters: the fused gate_up GEMM runs on x + a(x) of the first targeted
+        # half (free); each other half is corrected by one pass over its rows of W0
+        for layer in range(spec.num_layers):
+            pre = [m for m in ("gate_proj", "up_proj") if (layer, m) in adapter.targets]
+            if pre:
+                total += sum(shape(m)[0] * shape(m)[1] for m in ("gate_proj", "up_proj") if m != pre[0])
     return total
 
 

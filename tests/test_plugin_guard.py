@@ -48,3 +48,30 @@ def test_cpu_ops_leave_rows_without_adapter_untouched():
     vllm_compat.bgmv_expand(inputs, weights, out, indices, add_inputs=True)
     assert torch.equal(out[1], torch.zeros(width)) and torch.equal(out[3], torch.zeros(width))
     torch.testing.assert_close(out[2], weights[2, 0] @ inputs[2])
+
+
+def test_cpu_malloc_settings_take_blocks_of_a_few_mb_from_the_heap_and_can_be_turned_off():
+    """In a fresh process (the settings are process-wide), a new 4 MB tensor is mmapped by glibc's defaults (and
+    page-faulted in anew on every step) but comes from the reusable heap under tenfold's settings; read from glibc's
+    own accounting (mallinfo2: bytes in mmapped blocks)."""
+    import subprocess
+    import sys
+
+    probe = "\n".join([
+        "import ctypes, torch",
+        "from tenfold.engine.cpu_malloc import tune_malloc",
+        "done = tune_malloc()",
+        "class Info(ctypes.Structure):",
+        "    _fields_ = [(n, ctypes.c_size_t) for n in ('arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks '",
+        "                                                'fordblks keepcost').split()]",
+        "mallinfo2 = ctypes.CDLL('libc.so.6').mallinfo2",
+        "mallinfo2.restype = Info",
+        "before = mallinfo2().hblkhd",
+        "block = torch.empty(1 << 20)  # 4 MB",
+        "print(done, mallinfo2().hblkhd - before >= 4 << 20)"])
+    seen = {}
+    for setting in ("1", "0"):
+        env = {**__import__("os").environ, "TENFOLD_CPU_MALLOC": setting}
+        seen[setting] = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                                       check=True, timeout=120).stdout.split()
+    assert seen == {"1": ["True", "False"], "0": ["False", "True"]}, seen

@@ -53,10 +53,14 @@ def merge_rounds(results: list[dict]) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """ratio_to_base: a run's median output tok/s over the base model's, when base ran."""
-    base = next((r.get("tok_s_median") for r in rows if r["mode"] == "base"), None)
+    """ratio_to_base: the median, over rounds, of a run's median output tok/s over that of the base run of its own
+    group and round (`paired_ratios`, filled by the runner); 1 for base; None when base did not run."""
     for row in rows:
-        row["ratio_to_base"] = row["tok_s_median"] / base if base and "tok_s_median" in row else None
+        if row["mode"] == "base":
+            row["ratio_to_base"] = 1.0 if "tok_s_median" in row else None
+        else:
+            paired = row.get("paired_ratios") or []
+            row["ratio_to_base"] = statistics.median(paired) if paired and "tok_s_median" in row else None
 
 
 def one_line(row: dict) -> str:

@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,17 +48,23 @@ DIR_PREFIX = "dir:"  # the "family" of runs over --adapter-dir: dir:<directory n
 
 
 def plan_runs(args, families, exact_lora: dict[str, bool]) -> list[dict]:
-    """Every (mode, family, number of adapters) to run; base once. Convert and vllm-lora only serve families whose
-    update has an exact LoRA form (bat and loretta_adp have none); exact_lora tells it per family."""
-    runs = [{"mode": "base", "family": None, "num_adapters": 0}] if "base" in args.modes else []
+    """Every (mode, family, number of adapters) to run, in groups of one family and count; with base among the
+    modes, every group opens with a run of the base model, and each run's ratio to base is taken against its own
+    group's base run (minutes apart, not the length of the whole plan: a shared machine drifts). Convert and
+    vllm-lora only serve families whose update has an exact LoRA form (bat and loretta_adp have none); exact_lora
+    tells it per family."""
+    runs, group = [], 0
     for count in args.adapters:
         for family in families:
-            for mode in args.modes:
-                if mode == "base":
-                    continue
-                if mode in ("convert", "vllm-lora") and not exact_lora[family]:
-                    continue
-                runs.append({"mode": mode, "family": family, "num_adapters": count})
+            modes = [m for m in args.modes if m != "base" and (m not in ("convert", "vllm-lora") or exact_lora[family])]
+            if not modes:
+                continue
+            if "base" in args.modes:
+                runs.append({"mode": "base", "family": None, "num_adapters": 0, "group": group})
+            runs += [{"mode": m, "family": family, "num_adapters": count, "group": group} for m in modes]
+            group += 1
+    if not runs and args.modes == ["base"]:
+        runs.append({"mode": "base", "family": None, "num_adapters": 0, "group": 0})
     return runs
 
 
@@ -112,6 +119,7 @@ def main(args) -> int:
     if not runs:
         raise SystemExit("tenfold bench: nothing to run: the chosen modes serve none of the chosen families")
     rows = []
+    base_of_group: dict[tuple[int, int], float] = {}  # (round, group) -> that base run's median tok/s
     # rounds run the whole plan again (base, then every mode), so slow drifts of a shared machine hit every mode
     progress = tqdm([(r, run) for r in range(args.rounds) for run in runs], desc="bench", unit="run", file=sys.stderr)
     for round_index, run in progress:
@@ -128,7 +136,8 @@ def main(args) -> int:
             else:
                 paths = synth_adapters(run["family"], run["num_adapters"], model_dir, args.cache_dir, args.dtype,
                                        lora_form=lora_form, progress=True)
-            info = adapter_info(paths[0])
+            # synthetic adapters of one run share their shapes: the first tells; a user's directory may mix
+            info = adapter_info(paths if run["family"].startswith(DIR_PREFIX) else paths[:1])
         used = distinct_used(requests)
         max_num_seqs = min(args.requests, args.max_num_seqs)
         spec = {**run, "arrival": args.arrival, "model": str(model_dir), "dtype": args.dtype, "seed": args.seed,
@@ -140,11 +149,19 @@ def main(args) -> int:
         load_before = os.getloadavg()[0]  # another job on the machine skews every number: keep the evidence
         suffix = f"_round{round_index + 1}" if args.rounds > 1 else ""
         result = run_child(spec, log_dir / f"{label.replace(':', '_').replace('@', '_')}{suffix}.log")
-        if round_index == 0:
-            rows.append({**run, "label": label, "distinct_adapters_used": used, "max_loras": spec["max_loras"],
-                         **info, "rounds": []})
-        row = next(r for r in rows if r["label"] == label)
+        row = next((r for r in rows if r["label"] == label), None)
+        if row is None:
+            row = {k: v for k, v in run.items() if k != "group"}
+            row.update(label=label, distinct_adapters_used=used, max_loras=spec["max_loras"], **info, rounds=[],
+                       paired_ratios=[])
+            rows.append(row)
         row["rounds"].append({**result, "load_avg_1min_before": load_before})
+        if "tok_s" in result:
+            median = statistics.median(result["tok_s"])
+            if run["mode"] == "base":
+                base_of_group[round_index, run["group"]] = median
+            elif (round_index, run["group"]) in base_of_group:
+                row["paired_ratios"].append(median / base_of_group[round_index, run["group"]])
         tqdm.write(f"{label} (round {round_index + 1}): {report.one_line(report.summarize(row, result))}",
                    file=sys.stderr)
     rows = [report.summarize({k: v for k, v in row.items() if k != "rounds"}, report.merge_rounds(row["rounds"]))

@@ -134,11 +134,15 @@ def model_identity(model_dir: Path) -> Path:
     return generated if generated.is_file() else model_dir / "config.json"
 
 
-def adapter_info(path: Path) -> dict:
+def adapter_info(paths: list[Path]) -> dict:
+    """Family (`mixed` when they differ), the largest rank (what max_lora_rank must hold) and the mean bytes of the
+    adapters' own factors."""
     from ..adapters import load_adapter
 
-    adapter = load_adapter(path)
-    return {"family": adapter.family, "rank": adapter.rank, "adapter_bytes": adapter.nbytes()}
+    adapters = [load_adapter(p) for p in paths]
+    families = {a.family for a in adapters}
+    return {"family": families.pop() if len(families) == 1 else "mixed", "rank": max(a.rank for a in adapters),
+            "adapter_bytes": round(sum(a.nbytes() for a in adapters) / len(adapters))}
 
 
 def vllm_lora_rank(rank: int) -> int:
