@@ -1,6 +1,7 @@
 """`tenfold serve`: one process serving vLLM's OpenAI-compatible HTTP API with the tenfold plugin active,
 tenfold's adapter admin routes and the gRPC API, all on one engine. Unrecognised arguments go to vLLM's own
-engine/server parser. SIGTERM stops HTTP (uvicorn drains its requests), then gRPC with a grace period."""
+engine/server parser. SIGTERM drains: the engine finishes in-flight requests (up to --shutdown-timeout), then HTTP
+and gRPC stop, each with a bounded grace period so that no connection can hold the process open."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from .adapter_admin import AdapterAdmin, ServeSettings
 from .admin import install
 
 GRPC_GRACE_SECONDS = 10
+HTTP_GRACE_SECONDS = 10
 
-# engine defaults for multi-adapter serving (vLLM's own default is one LoRA slot); explicit flags win
-ENGINE_DEFAULTS = {"--max-loras": "16", "--max-lora-rank": "64", "--max-cpu-loras": "64"}
+# engine defaults for multi-adapter serving (vLLM's own default is one LoRA slot; its default shutdown aborts
+# in-flight requests, and a stream whose abort races the output handler's cancellation never ends); explicit flags win
+ENGINE_DEFAULTS = {"--max-loras": "16", "--max-lora-rank": "64", "--max-cpu-loras": "64", "--shutdown-timeout": "20"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +115,8 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int) -> None:
         shutdown = await serve_http(app, sock=sock, host=vllm_args.host, port=vllm_args.port,
                                     log_level=vllm_args.uvicorn_log_level,
                                     access_log=not vllm_args.disable_uvicorn_access_log,
-                                    timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE)
+                                    timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+                                    timeout_graceful_shutdown=HTTP_GRACE_SECONDS)
         try:
             await shutdown
         finally:
