@@ -18,25 +18,33 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def group(label: str) -> str:
+    """'native:lorta@32' -> 'lorta@32': the family group a run belongs to."""
+    return label.partition(":")[2]
+
+
 def throughput_table(bench: dict) -> str:
     """One row per run of a `tenfold bench` results.json: pooled median tok/s with its spread, the ratio to the
     base runs of the same family group (median over rounds, each round's value in brackets), latencies, load."""
     rows = bench["results"]
-    vllm = {r["family"]: r["ratio_to_base"] for r in rows if r["mode"] == "vllm-lora" and r.get("ratio_to_base")}
-    lora_r16 = vllm.get("lora")
-    lines = ["| run | tok/s median [min-max] | vs base (per round) | vs vLLM LoRA r=16 | TTFT p50 ms | TPOT p50 ms "
-             "| hot-load p50 ms | adapter bytes |", "|---|---|---|---|---|---|---|---|"]
+    # vLLM LoRA at equal rank: the vllm-lora run of the same group (the family's LoRA form); families without one
+    # (loretta_adp, bat) are compared with plain LoRA's group at the same adapter count
+    vllm = {group(r["label"]): r["ratio_to_base"] for r in rows if r["mode"] == "vllm-lora" and r.get("ratio_to_base")}
+    lines = ["| run | tok/s median [min-max] | vs base (per round) | vs vLLM LoRA's ratio | TTFT p50 ms | TPOT p50 ms "
+             "| hot-load p50 ms | adapter bytes | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error'].splitlines()[0][:80]} | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error'].splitlines()[0][:80]} | | | | | | | |")
             continue
         rounds = ", ".join(f"{x:.2f}" for x in r.get("paired_ratios", []))
         ratio = f"{r['ratio_to_base']:.2f}x" + (f" ({rounds})" if rounds else "")
-        versus = (f"{r['ratio_to_base'] / lora_r16:.1f}x" if lora_r16 and r["mode"] == "native" else "")
+        reference = vllm.get(group(r["label"])) or vllm.get(f"lora@{r['num_adapters']}")
+        versus = f"{r['ratio_to_base'] / reference:.1f}x" if reference and r["mode"] == "native" else ""
         load = r["load_ms"]["p50"]
         lines.append(f"| {r['label']} | {r['tok_s_median']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}] | {ratio} "
                      f"| {versus} | {r['ttft_ms']['p50']:.0f} | {r['tpot_ms']['p50']:.1f} | "
-                     f"{'-' if load is None else f'{load:.1f}'} | {r.get('adapter_bytes') or '-'} |")
+                     f"{'-' if load is None else f'{load:.1f}'} | {r.get('adapter_bytes') or '-'} | "
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} |")
     return "\n".join(lines)
 
 
