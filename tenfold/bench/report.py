@@ -108,12 +108,19 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     series: dict[str, list[tuple[int, float]]] = {}
     for row in ok:
         if row["mode"] != "base":
-            series.setdefault(f"{row['mode']}:{row['family']}", []).append((row["num_adapters"],
-                                                                            row["tok_s_median"]))
+            # by the run's own label: a vllm-lora row's family is its LoRA form ("lora") whatever group it runs in
+            series.setdefault(row["label"].rpartition("@")[0], []).append((row["num_adapters"], row["tok_s_median"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # colour per family, marker and line style per mode: 14 series stay apart where one colour cycle would repeat
+    families = sorted({name.partition(":")[2] for name in series})
+    modes = sorted({name.partition(":")[0] for name in series})
+    styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
     for name, points in sorted(series.items()):
+        mode, _, family = name.partition(":")
+        marker, linestyle = styles[modes.index(mode) % len(styles)]
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, linestyle=linestyle, label=name,
+                color=plt.get_cmap("tab10")(families.index(family) % 10))
     if base is not None:
         ax.axhline(base["tok_s_median"], color="black", linestyle="--", label="base model")
     ax.set_xscale("log", base=2)
