@@ -187,5 +187,5 @@ def test_tenfold_tensors_disagreeing_with_the_config(saved_lora, specs):
 
 def test_dora_and_bias_are_refused(tmp_path, specs):
     peft_lora_dir(tmp_path / "dora", all_layers(), use_dora=True)
-    with pytest.raises(AdapterFormatError, match="DoRA adapters are not supported"):
+    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json, key 'use_dora': expected false, found True; DoRA"):
         load_adapter(tmp_path / "dora", specs["mha"])

@@ -120,21 +120,31 @@ class Adapter(nn.Module, ABC):
         self.spec = spec
 
     def _check_coverage(self, spec: ModelSpec) -> None:
-        """The tensors must cover exactly the modules the config targets, in every targeted layer: a checkpoint
-        that silently applies to only part of what it claims is refused."""
-        modules = self.config.get("target_modules")
-        if not isinstance(modules, list) or self.config.get("target_regex"):
-            return
-        layers = self.config.get("layers") or range(spec.num_layers)
-        expected = {(layer, m) for layer in layers for m in modules}
+        """The tensors must cover exactly the modules the config targets: a checkpoint that silently applies to only
+        part of what it claims, or to modules its config excludes, is refused. `targeting` (set by the readers of
+        foreign formats) holds the producer's own rule and keys; older tenfold files list target_modules (and
+        layers)."""
+        from .settings import targeted_set
+
+        targeting = self.config.get("targeting")
+        if targeting:
+            expected = targeted_set(targeting, spec.num_layers, tuple(spec.shapes))
+            described = {k: v for k, v in targeting.items() if k not in ("rule", "path_template", "blocks") and v}
+        else:
+            modules = self.config.get("target_modules")
+            if not isinstance(modules, list):
+                return
+            layers = self.config.get("layers") or range(spec.num_layers)
+            expected = {(layer, m) for layer in layers for m in modules}
+            described = {"target_modules": sorted(modules), "layers": f"{list(layers)[0]}..{list(layers)[-1]}"}
         have = set(self.targets)
         missing, extra = sorted(expected - have), sorted(have - expected)
         if missing or extra:
             raise AdapterKeyError(
                 f"{where(self.source)}: the tensors cover only part of the targeted modules: missing "
                 f"{[key_name(k) for k in missing[:6]]}{' ...' if len(missing) > 6 else ''}, not targeted by the config "
-                f"{[key_name(k) for k in extra[:6]]}; expected {sorted(modules)} in layers "
-                f"{list(layers)[0]}..{list(layers)[-1]}")
+                f"{[key_name(k) for k in extra[:6]]}{' ...' if len(extra) > 6 else ''}; expected tensors for "
+                f"{len(expected)} modules ({described})")
 
     @abstractmethod
     def _validate(self, spec: ModelSpec) -> None:

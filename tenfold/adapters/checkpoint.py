@@ -83,12 +83,21 @@ def read_tensors(path: Path, max_bytes: int | None = None) -> dict[str, torch.Te
 _MODULE_KEY = re.compile(r"(?:^|\.)layers\.(?P<layer>\d+)\.(?:\w+\.)*?(?P<module>\w+)\.(?P<rest>{rest})$")
 
 
+# Path segments of components that are not the text decoder (multimodal checkpoints): their "layers.<i>.q_proj" would
+# otherwise be read as the language model's.
+NON_TEXT_PARTS = ("vision", "visual", "image", "audio", "speech", "multi_modal", "mm_projector", "encoder")
+
+
 def group_by_module(tensors: dict, rest_pattern: str, source: Path, paths: dict | None = None):
     """Sort per-module checkpoint keys (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``) into
     {(3, "q_proj"): {"lora_A.weight": tensor}}; `paths`, when given, receives each module's full path. Any key that
-    is not of that form is an error: a checkpoint is taken whole or not at all."""
+    is not of that form is an error: a checkpoint is taken whole or not at all. So are two keys for the same module
+    and tensor, and keys of another layer stack than the text decoder's (a vision tower's ``layers.0.q_proj``):
+    each would silently replace or join the text model's tensors."""
     pattern = re.compile(_MODULE_KEY.pattern.replace("{rest}", rest_pattern))
     grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    first_key: dict = {}
+    stacks: dict[str, str] = {}  # path before "layers.<i>" -> first key seen there
     unmatched = []
     for name, value in tensors.items():
         m = pattern.search(name)
@@ -96,9 +105,29 @@ def group_by_module(tensors: dict, rest_pattern: str, source: Path, paths: dict 
             unmatched.append(name)
             continue
         key = (int(m.group("layer")), m.group("module"))
+        stack = name[: m.start("layer") - len("layers.")]
+        stacks.setdefault(stack, name)
+        if (key, m.group("rest")) in first_key:
+            raise AdapterKeyError(
+                f"{where(source, name)}: a second tensor for {m.group('rest')} of layers.{key[0]}.{key[1]}: expected "
+                f"one, found it also under {first_key[key, m.group('rest')]!r}; refusing to pick one")
+        first_key[key, m.group("rest")] = name
         grouped.setdefault(key, {})[m.group("rest")] = value
         if paths is not None:
             paths[key] = name[: m.start("rest") - 1]
+    for stack, name in stacks.items():
+        parts = stack.lower().split(".")
+        if any(token in part for part in parts for token in NON_TEXT_PARTS):
+            others = [k for s, k in stacks.items() if s != stack]
+            raise AdapterKeyError(
+                f"{where(source, name)}: a tensor for a module outside the served text model (path {stack!r}); "
+                f"expected only the text decoder's layers{f' (like {others[0]!r})' if others else ''}; tenfold "
+                f"serves adapters of the text model only")
+    if len(stacks) > 1:
+        (a, key_a), (b, key_b) = list(stacks.items())[:2]
+        raise AdapterKeyError(
+            f"{where(source, key_b)}: tensors of two different layer stacks: expected one text model, found {a!r} "
+            f"(e.g. {key_a!r}) and {b!r}; refusing to merge them")
     if unmatched:
         raise AdapterKeyError(
             f"{where(source)}: {len(unmatched)} tensor key(s) match no per-layer module of the expected form "

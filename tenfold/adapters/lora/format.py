@@ -12,49 +12,110 @@ from safetensors.torch import save_file
 from ..base import key_name
 from ..checkpoint import CONFIG_NAME, SAFETENSORS_NAME, group_by_module
 from ..errors import AdapterFormatError, where
+from ..settings import Refusal, audit, not_set, template_from_paths
 from .family import LoRA
 
 PEFT_PREFIX = "base_model.model."
 
 
 def _pattern_value(patterns: dict, path: str):
-    """PEFT's rank/alpha pattern rule: a pattern matches a module whose path ends with it."""
+    """PEFT's rank/alpha pattern rule: the first pattern that matches the module path's end (as a regex)."""
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", path):
             return value
     return None
 
 
+# init_lora_weights values whose initialisation rewrites the base weights (W0 - B0 A0, or a quantized W0): the
+# trained A, B only mean something on that changed base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+_CONVERT = ("save it converted to plain LoRA: peft_model.save_pretrained(out_dir, "
+            "path_initial_model_for_weight_conversion=<dir of the adapter saved right after initialisation>) "
+            "(PEFT's PiSSA/OLoRA/CorDA/LoRA-GA conversion; the converted config says init_lora_weights: true); "
+            "LoftQ adapters are only correct on their LoftQ-quantized base and are not served")
+
+
+def _init_served(value) -> bool:
+    if isinstance(value, bool):
+        return True
+    text = str(value).lower()
+    return text in ("gaussian", "eva", "orthogonal", "mica") and not text.startswith(_BASE_CHANGING_INITS)
+
+
+def _rank_pattern_ok(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, int) and v > 0 for v in value.values())
+
+
+HONOURED = ("r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+            "exclude_modules", "layers_to_transform", "layers_pattern", "init_lora_weights", "fan_in_fan_out",
+            "eva_config", "velora_config", "megatron_config", "megatron_core", "runtime_config", "qalora_group_size",
+            "ensure_weight_tying", "loftq_config", "corda_config", "lora_ga_config")
+REFUSED = (
+    Refusal("use_dora", "false", lambda v: not v, "DoRA rescales each output column by a learned magnitude; tenfold "
+            "does not serve it (merge it into the base model instead)"),
+    Refusal("bias", "'none'", lambda v: v in (None, "none"), "LoRA bias training changes the base model's biases, "
+            "which tenfold does not serve"),
+    Refusal("lora_bias", "false", lambda v: not v, "a bias on lora_B is not served"),
+    Refusal("modules_to_save", "null or []", not_set, "whole modules trained and saved beside the adapter (their "
+            "weights replace the base model's) are not served"),
+    Refusal("layer_replication", "null", not_set, "layer replication builds a different layer stack than the served "
+            "model's"),
+    Refusal("target_parameters", "null", not_set, "LoRA on raw parameters (MoE experts) is not served"),
+    Refusal("trainable_token_indices", "null", not_set, "trained embedding rows are not served"),
+    Refusal("alora_invocation_tokens", "null", not_set, "aLoRA applies the adapter only from its invocation tokens on; "
+            "tenfold would apply it to every token"),
+    Refusal("use_qalora", "false", lambda v: not v, "QA-LoRA pools the input before lora_A"),
+    Refusal("monteclora_config", "null", not_set, "MonteCLoRA samples its factors"),
+    Refusal("use_bdlora", "null", not_set, "BD-LoRA stores block-diagonal factors"),
+    Refusal("arrow_config", "null", not_set, "Arrow routes among several LoRA experts per token"),
+    Refusal("kasa_config", "null", not_set, "KaSA truncates the base weights' singular values and adds a learned "
+            "diagonal"),
+    Refusal("init_lora_weights", "true, false, 'gaussian', 'eva', 'orthogonal' or 'mica' (inits that leave the base "
+            "weights untouched)", _init_served, "this initialisation changes the base weights, so the adapter is only "
+            "correct on that changed base; " + _CONVERT),
+    Refusal("rank_pattern", "a mapping of module patterns to positive integer ranks", _rank_pattern_ok, ""),
+)
+
+
 def read(config: dict, tensors: dict, source: Path) -> LoRA:
-    for flag in ("use_dora",):
-        if config.get(flag):
-            raise AdapterFormatError(f"{where(source.parent / CONFIG_NAME, flag)}: DoRA adapters are not supported")
-    if config.get("bias", "none") != "none":
-        raise AdapterFormatError(f"{where(source.parent / CONFIG_NAME, 'bias')}: expected 'none', found "
-                                 f"{config.get('bias')!r}; LoRA bias training changes the base biases and is not served")
+    cfg_path = source.parent / CONFIG_NAME
+    audit(config, cfg_path, HONOURED, REFUSED, "PEFT LoRA")
     for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)):
-            raise AdapterFormatError(f"{where(source.parent / CONFIG_NAME, field)}: expected a number, found "
-                                     f"{config.get(field)!r}")
+        if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool):
+            raise AdapterFormatError(f"{where(cfg_path, field)}: expected a number, found {config.get(field)!r}")
+    if config.get("layers_to_transform") is not None and config.get("layers_pattern") not in (None, "", [], "layers") \
+            and "layers" not in (config.get("layers_pattern") or []):
+        raise AdapterFormatError(f"{where(cfg_path, 'layers_pattern')}: expected 'layers' (the decoder's layer list), "
+                                 f"found {config['layers_pattern']!r}; with any other pattern PEFT adapts no layer "
+                                 f"of a Llama-style model")
     paths: dict = {}
     grouped = group_by_module(tensors, r"lora_[AB]\.weight", source, paths)
     ours, alphas = {}, {}
     for key, parts in grouped.items():
         for rest, value in parts.items():
             ours[f"{key_name(key)}.{rest.split('.')[0]}"] = value
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, paths[key].removeprefix(PEFT_PREFIX))
+        path = paths[key].removeprefix(PEFT_PREFIX)
+        r = _pattern_value(config.get("rank_pattern") or {}, path)
+        r = config["r"] if r is None else r
+        a = parts.get("lora_A.weight")
+        if a is not None and a.dim() == 2 and a.shape[0] != r:
+            raise AdapterFormatError(
+                f"{where(source, paths[key] + '.lora_A.weight')}: expected rank {r} (r / rank_pattern of "
+                f"{CONFIG_NAME}), found a tensor of rank {a.shape[0]}")
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, path)
         if alpha is not None:
             alphas[key_name(key)] = float(alpha)
+    template, blocks = template_from_paths(paths, PEFT_PREFIX)
+    targeting = {"rule": "peft", "path_template": template, "blocks": blocks,
+                 **{k: config.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",
+                                               "layers_pattern")}}
     targets = config.get("target_modules")
-    layers = config.get("layers_to_transform")
     ours_config = {
         "r": config["r"], "lora_alpha": float(config["lora_alpha"]), "use_rslora": bool(config.get("use_rslora")),
         "module_alphas": alphas,
         "target_modules": sorted(targets) if isinstance(targets, list) else sorted({m for _, m in grouped}),
-        "layers": [layers] if isinstance(layers, int) else layers,
+        "targeting": targeting,
     }
-    if isinstance(targets, str):
-        ours_config["target_regex"] = targets  # a regex target: coverage is whatever the regex matched
     return LoRA(ours_config, ours, source=source)
 
 

@@ -9,11 +9,22 @@ from pathlib import Path
 from ..base import key_name
 from ..checkpoint import CONFIG_NAME, group_by_module
 from ..errors import AdapterFormatError, where
+from ..settings import Refusal, audit, not_set, template_from_paths
+
+# The official LorettaAdpConfig (yifanycc/loretta, loretta/tuners/loretta_adp.py) and PEFT's base config keys.
+HONOURED = ("bottleneck_size", "non_linearity", "adapter_dropout", "target_modules", "scaling", "init_weights",
+            "tensorized", "tensor_rank", "use_parallel_adapter", "use_adapterp")
+REFUSED = (
+    Refusal("bias", "'none'", lambda v: v in (None, "none"), "bias training changes the base model's biases, which "
+            "tenfold does not serve"),
+    Refusal("modules_to_save", "null or []", not_set, "whole modules saved beside the adapter are not served"),
+)
 from .family import LoRETTAAdp
 
 
 def read(config: dict, tensors: dict, source: Path) -> LoRETTAAdp:
     cfg_path = source.parent / CONFIG_NAME
+    audit(config, cfg_path, HONOURED, REFUSED, "LoRETTA adp")
     if not config.get("tensorized", False):
         raise AdapterFormatError(f"{where(cfg_path, 'tensorized')}: expected true (a LoRETTA adp checkpoint); plain "
                                  f"bottleneck adapters are not supported")
@@ -26,8 +37,11 @@ def read(config: dict, tensors: dict, source: Path) -> LoRETTAAdp:
     scaling = config.get("scaling", 1.0)
     if scaling != "learned" and not isinstance(scaling, (int, float)):
         raise AdapterFormatError(f"{where(cfg_path, 'scaling')}: expected a number or 'learned', found {scaling!r}")
+    paths: dict = {}
     grouped = group_by_module(
-        tensors, r"adapter_(?:down|up)\.layer\.tensor\.factors\.\d+|adapter_(?:down|up)\.layer\.bias|adapter_scaling", source)
+        tensors, r"adapter_(?:down|up)\.layer\.tensor\.factors\.\d+|adapter_(?:down|up)\.layer\.bias|adapter_scaling", source,
+        paths)
+    template, blocks = template_from_paths(paths)
     ours = {}
     for key, parts in grouped.items():
         for rest, value in parts.items():
@@ -43,4 +57,5 @@ def read(config: dict, tensors: dict, source: Path) -> LoRETTAAdp:
         "non_linearity": config.get("non_linearity", "tanh"),
         "scaling": scaling if scaling == "learned" else float(scaling),
         "target_modules": sorted(targets) if isinstance(targets, list) else sorted({m for _, m in grouped}),
+        "targeting": {"rule": "loretta", "path_template": template, "blocks": blocks, "target_modules": targets},
     }, ours, source=source)

@@ -1,7 +1,8 @@
 """LoRTA: one CP-decomposed tensor holds the updates of every layer, attention matrix and head.
 
 Factors (the PEFT fork's names): A [d, r], B [r, d_h], C_l [L, r], C_h [H, r], C_m [4, r] (q, k, v, o), scaling
-alpha/r. For layer l, matrix m and head h the weights are c = C_h[h] * C_m[m] * C_l[l] (length r). Two orientations
+alpha/r (alpha/sqrt(r) with use_rslora; the fork reader folds per-module scalings and layers_to_transform into C_l and
+C_m, see format.py). For layer l, matrix m and head h the weights are c = C_h[h] * C_m[m] * C_l[l] (length r). Two orientations
 exist in the wild:
 - ``heads_in`` (the PEFT fork: y += x @ delta^T): heads index the input columns,
   dy = s * A diag(C_m[m] C_l[l]) sum_h diag(C_h[h]) B x_h. The shrink sum_h diag(C_h[h]) B x_h is the same for every
@@ -75,7 +76,9 @@ class LoRTA(LowRankAdapter):
 
     @property
     def targets(self):
-        return [(layer, m) for layer in range(self.num_layers) for m in sorted(self.config["target_modules"])]
+        layers = self.config.get("layers")
+        layers = range(self.num_layers) if layers is None else layers
+        return [(layer, m) for layer in layers for m in sorted(self.config["target_modules"])]
 
     @property
     def rank(self) -> int:
@@ -83,7 +86,12 @@ class LoRTA(LowRankAdapter):
 
     @property
     def scale(self) -> float:
-        return self.config["lora_alpha"] / self.config["r"]
+        """The scaling of every update: the config's `scale` when a reader computed it (the fork's per-module
+        scalings, folded into C_l and C_m where they differ), else alpha/r (alpha/sqrt(r) with use_rslora)."""
+        if "scale" in self.config:
+            return float(self.config["scale"])
+        r, alpha = self.config["r"], self.config["lora_alpha"]
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
     def _kv_grouped(self, module: str) -> int:
         """Query heads per output head of this module: the GQA group size for k/v, else 1."""
@@ -130,4 +138,6 @@ class LoRTA(LowRankAdapter):
             self.expect_shape(name, shape)
 
     def describe(self):
-        return {"lora_alpha": self.config["lora_alpha"], "orientation": self.config["orientation"]}
+        extra = {"layers": self.config["layers"]} if self.config.get("layers") is not None else {}
+        return {"lora_alpha": self.config["lora_alpha"], "orientation": self.config["orientation"],
+                "scale": self.scale, **extra}

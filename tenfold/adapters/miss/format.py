@@ -8,27 +8,39 @@ from pathlib import Path
 from ..base import key_name
 from ..checkpoint import CONFIG_NAME, group_by_module
 from ..errors import AdapterFormatError, where
+from ..settings import Refusal, audit, not_set, template_from_paths
 from ..bat.family import Bat
 from .family import MiSS
 
 
+HONOURED = ("r", "mini_r", "init_weights", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+            "miss_dropout", "bone_dropout")
+REFUSED = (
+    Refusal("bias", "'none'", lambda v: v in (None, "none"), "bias training changes the base model's biases, which "
+            "tenfold does not serve"),
+    Refusal("modules_to_save", "null or []", not_set, "whole modules saved beside the adapter are not served"),
+)
+
+
 def read(config: dict, tensors: dict, source: Path):
     cfg_path = source.parent / CONFIG_NAME
+    audit(config, cfg_path, HONOURED, REFUSED, f"PEFT {config.get('peft_type')}")
     if not isinstance(config.get("r"), int):
         raise AdapterFormatError(f"{where(cfg_path, 'r')}: expected an integer, found {config.get('r')!r}")
     init = config.get("init_weights", True)
     if init not in (True, False, "mini", "bat"):
         raise AdapterFormatError(f"{where(cfg_path, 'init_weights')}: expected true, false, 'mini' or 'bat', found {init!r}")
     block_name = "bone_block" if config.get("peft_type") == "BONE" else "miss_block"
-    grouped = group_by_module(tensors, block_name, source)
+    paths: dict = {}
+    grouped = group_by_module(tensors, block_name, source, paths)
     ours = {f"{key_name(key)}.miss_block": parts[block_name] for key, parts in grouped.items()}
     targets = config.get("target_modules")
-    layers = config.get("layers_to_transform")
+    template, blocks = template_from_paths(paths)
     common = {"r": config["r"],
               "target_modules": sorted(targets) if isinstance(targets, list) else sorted({m for _, m in grouped}),
-              "layers": [layers] if isinstance(layers, int) else layers}
-    if isinstance(targets, str):
-        common["target_regex"] = targets
+              "targeting": {"rule": "peft", "path_template": template, "blocks": blocks,
+                            **{k: config.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",
+                                                          "layers_pattern")}}}
     if init == "bat":
         return Bat(common, ours, source=source)
     if init == "mini":
