@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
+
 import pytest
 import torch
 
 import official_layouts as layouts
 from adapter_cases import make
-from tenfold.adapters import attach, load_adapter
+from tenfold.adapters import AdapterFormatError, attach, load_adapter
+from tenfold.adapters.attach import find_linears
 
 
 def logits(model, adapter, seed=81):
@@ -173,3 +178,176 @@ def test_legacy_bone_layout(case, hf_models, specs, tmp_path):
     loaded = load_adapter(tmp_path / "bone", spec)
     assert loaded.family == original.family
     assert torch.equal(logits(hf_models["gqa"], loaded), logits(hf_models["gqa"], original))
+
+
+# --- every documented setting (issue 18): honoured exactly against the producer, or refused -------------------------
+
+def _peft_lora_logits(model_dir, config, seed):
+    """(PEFT model, its logits) for a fresh model with `config` and random non-zero factors."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    peft_model = get_peft_model(fresh, config).eval()
+    _randomize(peft_model, ["lora_A", "lora_B"], scale=0.05, seed=seed)
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))
+    with torch.no_grad():
+        return peft_model, peft_model(ids).logits
+
+
+PEFT_LORA_SETTINGS = {
+    # rsLoRA with per-module rank and alpha patterns (a regex and a plain suffix)
+    "rslora_patterns": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "down_proj"],
+                            rank_pattern={"down_proj": 4, r"layers\.1\.self_attn\.q_proj": 2},
+                            alpha_pattern={"v_proj": 3}),
+    # exclude_modules next to a regex-free list, and layers_to_transform with its layers_pattern
+    "exclude_layers": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "up_proj"],
+                           exclude_modules=["k_proj"], layers_to_transform=[0, 2], layers_pattern="layers"),
+    # a full-match regex target with a regex exclusion
+    "regex": dict(r=4, lora_alpha=4, target_modules=r".*\.(q_proj|o_proj|gate_proj)",
+                  exclude_modules=r".*layers\.1\.self_attn\.o_proj"),
+    # PEFT's shorthand for every linear layer, with an exclusion
+    "all_linear": dict(r=2, lora_alpha=2, target_modules="all-linear", exclude_modules=["down_proj"]),
+    # one layer index as an int
+    "one_layer": dict(r=4, lora_alpha=2, target_modules=["o_proj", "gate_proj"], layers_to_transform=1),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(PEFT_LORA_SETTINGS))
+def test_peft_lora_settings_match_peft(setting, model_name, tiny_model_dirs, hf_models, specs, tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(**PEFT_LORA_SETTINGS[setting])
+    peft_model, theirs = _peft_lora_logits(tiny_model_dirs[model_name], config, seed=101)
+    peft_model.save_pretrained(tmp_path / "lora")
+    loaded = load_adapter(tmp_path / "lora", specs[model_name])
+    # the modules PEFT adapted, independently from its own model
+    adapted = {(int(n.split(".layers.")[1].split(".")[0]), n.rsplit(".", 1)[-1])
+               for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "layers." in n and len(m.lora_A)}
+    assert set(loaded.targets) == adapted
+    ours = logits(hf_models[model_name], loaded)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        base = hf_models[model_name](torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))).logits
+    assert (ours - base).abs().max() > 1e-3
+
+
+def test_peft_eva_style_rank_pattern_is_plain_lora(tiny_model_dirs, hf_models, specs, tmp_path):
+    """init_lora_weights='eva' leaves the base weights untouched (PEFT only sets lora_A and redistributes ranks into
+    rank_pattern): served as plain LoRA, equal to PEFT's forward."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4})
+    peft_model, theirs = _peft_lora_logits(tiny_model_dirs["mha"], config, seed=102)
+    peft_model.save_pretrained(tmp_path / "eva")
+    cfg_path = tmp_path / "eva" / "adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "init_lora_weights": "eva",
+                                    "eva_config": {"rho": 2.0}}))
+    assert (logits(hf_models["mha"], load_adapter(tmp_path / "eva", specs["mha"])) - theirs).abs().max() <= 1e-5
+
+
+def test_pissa_needs_peft_conversion(tiny_model_dirs, hf_models, specs, tmp_path):
+    """PiSSA rewrites the base (W - B0 A0): saved as is it is refused, naming the key and how to convert; PEFT's
+    converted form is plain LoRA on the original base and equals the PiSSA model's own forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["mha"], dtype=torch.float32).eval()
+    peft_model = get_peft_model(fresh, LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
+                                                  target_modules=["q_proj", "v_proj"])).eval()
+    peft_model.save_pretrained(tmp_path / "initial")
+    g = torch.Generator().manual_seed(103)
+    with torch.no_grad():  # "training": move the factors away from their initial values
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "raw")
+    with pytest.raises(AdapterFormatError, match=r"raw/adapter_config\.json, key 'init_lora_weights': expected .*"
+                                                 r"found 'pissa'.*path_initial_model_for_weight_conversion"):
+        load_adapter(tmp_path / "raw", specs["mha"])
+    peft_model.save_pretrained(tmp_path / "converted",
+                               path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    converted = load_adapter(tmp_path / "converted", specs["mha"])
+    assert converted.family == "lora" and converted.rank == 8
+    assert (logits(hf_models["mha"], converted) - theirs).abs().max().item() <= 1e-4
+
+
+def _fork_scale(config, layer, module):
+    """The fork's per-module scaling, written out from tuners/lorta (model.py: first matching pattern key, rank keys
+    first; layer.py: alpha/r or alpha/sqrt(r))."""
+    path = f"model.layers.{layer}.self_attn.{module}"
+    keys = list(config.get("rank_pattern", {})) + list(config.get("alpha_pattern", {}))
+    key = next((k for k in keys if re.match(rf".*\.{k}$", path)), path)
+    r = config.get("rank_pattern", {}).get(key, config["r"])
+    alpha = config.get("alpha_pattern", {}).get(key, config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+LORTA_FORK_SETTINGS = {
+    "rslora": dict(use_rslora=True),
+    "patterns": dict(rank_pattern={"v_proj": 2}, alpha_pattern={"o_proj": 5}),
+    "layers": dict(layers_to_transform=[0, 2], layers_pattern="layers", use_rslora=True,
+                   alpha_pattern={"q_proj": 3}),
+    "layer_int": dict(layers_to_transform=1, target_modules=["q_proj", "v_proj"]),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(LORTA_FORK_SETTINGS))
+def test_lorta_fork_settings_match_the_fork_formula(setting, hf_models, specs, tmp_path):
+    """Each targeted (layer, matrix) gets the fork's delta cat_h(A diag(C_h[h] C_m[m] C_l[l]) B), applied as
+    x @ delta^T times the fork's own scaling; untargeted layers and matrices get nothing. Checked on the weights and
+    on the logits against a model with those deltas merged in."""
+    spec, model = specs["mha"], hf_models["mha"]
+    adapter = make("lorta_heads_in", spec, seed=104, r=4, lora_alpha=8)
+    settings = LORTA_FORK_SETTINGS[setting]
+    layouts.lorta_fork(adapter, tmp_path / "fork", **settings)
+    config = {**json.loads((tmp_path / "fork" / "adapter_config.json").read_text())}
+    loaded = load_adapter(tmp_path / "fork", spec)
+    a, b = adapter.tensor("lora_A"), adapter.tensor("lora_B")
+    c_l, c_h, c_m = adapter.tensor("lora_C_l"), adapter.tensor("lora_C_h"), adapter.tensor("lora_C_m")
+    layers = settings.get("layers_to_transform", list(range(spec.num_layers)))
+    layers = [layers] if isinstance(layers, int) else layers
+    modules = config["target_modules"]
+    expected = {}
+    for layer in range(spec.num_layers):
+        for m, module in enumerate(("q_proj", "k_proj", "v_proj", "o_proj")):
+            if layer in layers and module in modules:
+                d = torch.cat([a @ torch.diag(c_h[h] * c_m[m] * c_l[layer]) @ b for h in range(spec.num_heads)], 1)
+                expected[layer, module] = d * _fork_scale(config, layer, module)
+    assert sorted(loaded.targets) == sorted(expected)
+    for key, delta in expected.items():
+        torch.testing.assert_close(loaded.delta(key), delta, rtol=1e-5, atol=1e-7)
+    # the same through the attached model (and the engine's shared factors): merged reference weights
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))
+    linears = find_linears(model)
+    saved = {key: linears[key][2].weight.data.clone() for key in expected}
+    try:
+        with torch.no_grad():
+            for key, delta in expected.items():
+                linears[key][2].weight.data += delta
+            reference = model(ids).logits
+    finally:
+        for key, weight in saved.items():
+            linears[key][2].weight.data.copy_(weight)
+    assert (logits(model, loaded) - reference).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("settings", [dict(exclude_modules=["o_proj"]), dict(layers_to_transform=[1])],
+                         ids=["exclude", "layers"])
+def test_peft_miss_settings_match_peft(settings, tiny_model_dirs, hf_models, specs, tmp_path):
+    from peft import MissConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gqa"], dtype=torch.float32).eval()
+    peft_model = get_peft_model(fresh, MissConfig(r=16, target_modules=["q_proj", "o_proj", "up_proj"],
+                                                  **settings)).eval()
+    _randomize(peft_model, ["miss_block"], scale=0.02, seed=105)
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))
+    with torch.no_grad():
+        theirs = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path / "miss")
+    loaded = load_adapter(tmp_path / "miss", specs["gqa"])
+    assert (logits(hf_models["gqa"], loaded) - theirs).abs().max().item() <= 1e-5
