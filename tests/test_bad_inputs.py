@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -189,3 +190,156 @@ def test_dora_and_bias_are_refused(tmp_path, specs):
     peft_lora_dir(tmp_path / "dora", all_layers(), use_dora=True)
     with pytest.raises(AdapterFormatError, match=r"adapter_config\.json, key 'use_dora': expected false, found True; DoRA"):
         load_adapter(tmp_path / "dora", specs["mha"])
+
+
+# --- settings tenfold does not serve (issue 18): each refused naming file, key, expected and found ------------------
+
+def _lora_dir(tmp_path, **settings):
+    return peft_lora_dir(tmp_path / "lora", all_layers(), **settings)
+
+
+def _lorta_dir(tmp_path, **settings):
+    spec = ModelSpec(num_layers=3, hidden_size=256, num_heads=4, num_kv_heads=4, head_dim=64, intermediate_size=512)
+    return layouts.lorta_fork(make("lorta_heads_in", spec, seed=94), tmp_path / "lorta", **settings)
+
+
+def _rep_dir(tmp_path, specs, **settings):
+    adapter = make("loretta_rep", specs["mha"], seed=95)
+    return layouts.loretta_rep(adapter, tmp_path / "rep", **settings)
+
+
+def _adp_dir(tmp_path, specs, **settings):
+    adapter = make("loretta_adp", specs["mha"], seed=96)
+    return layouts.loretta_adp(adapter, tmp_path / "adp", **settings)
+
+
+def _miss_dir(tmp_path, specs, **settings):
+    adapter = make("miss", specs["mha"], seed=97)
+    return layouts.bone_legacy(adapter, tmp_path / "bone", **settings)
+
+
+REFUSED_SETTINGS = [
+    # (writer, key, value, what the message says is expected)
+    ("lora", "use_dora", True, "false"),
+    ("lora", "lora_bias", True, "false"),
+    ("lora", "bias", "all", "'none'"),
+    ("lora", "modules_to_save", ["lm_head"], "null or \\[\\]"),
+    ("lora", "layer_replication", [[0, 2], [1, 3]], "null"),
+    ("lora", "target_parameters", ["mlp.experts.down_proj"], "null"),
+    ("lora", "trainable_token_indices", [1, 2], "null"),
+    ("lora", "alora_invocation_tokens", [5, 6, 7], "null"),
+    ("lora", "use_qalora", True, "false"),
+    ("lora", "monteclora_config", {"n_samples": 4}, "null"),
+    ("lora", "use_bdlora", {"nblocks": 2}, "null"),
+    ("lora", "arrow_config", {"top_k": 2}, "null"),
+    ("lora", "kasa_config", {"beta": 1.0}, "null"),
+    ("lora", "init_lora_weights", "pissa", "true, false, 'gaussian'"),
+    ("lora", "init_lora_weights", "pissa_niter_4", "true, false, 'gaussian'"),
+    ("lora", "init_lora_weights", "olora", "true, false, 'gaussian'"),
+    ("lora", "init_lora_weights", "corda", "true, false, 'gaussian'"),
+    ("lora", "init_lora_weights", "loftq", "true, false, 'gaussian'"),
+    ("lora", "init_lora_weights", "lora_ga", "true, false, 'gaussian'"),
+    ("lora", "a_future_peft_setting", 3, "the key to be absent or unset"),
+    ("lorta", "use_dora", True, "false"),
+    ("lorta", "bias", "lora_only", "'none'"),
+    ("lorta", "modules_to_save", ["lm_head"], "null or \\[\\]"),
+    ("lorta", "layer_replication", [[0, 2]], "null"),
+    ("lorta", "megatron_config", {"tensor_model_parallel_size": 2}, "null"),
+    ("lorta", "init_lora_weights", "loftq", "true, false or 'gaussian'"),
+    ("lorta", "exclude_modules", ["k_proj"], "the key to be absent or unset"),  # not a setting of the fork
+    ("loretta_rep", "bias", "all", "'none'"),
+    ("loretta_rep", "modules_to_save", ["classifier"], "null or \\[\\]"),
+    ("loretta_rep", "fan_in_fan_out", True, "false"),
+    ("loretta_rep", "enable_lora", [True, False, True], "null"),
+    ("loretta_rep", "layers_to_transform", [0], "the key to be absent or unset"),
+    ("loretta_adp", "bias", "adapter_only", "'none'"),
+    ("loretta_adp", "modules_to_save", ["classifier"], "null or \\[\\]"),
+    ("miss", "bias", "all", "'none'"),
+    ("miss", "modules_to_save", ["lm_head"], "null or \\[\\]"),
+    ("miss", "use_dora", True, "the key to be absent or unset"),
+]
+
+
+@pytest.mark.parametrize("writer, key, value, expected", REFUSED_SETTINGS,
+                         ids=[f"{w}-{k}-{v}" for w, k, v, _ in REFUSED_SETTINGS])
+def test_unserved_settings_are_refused(writer, key, value, expected, specs, tmp_path):
+    if writer == "lora":
+        directory = _lora_dir(tmp_path, **{key: value})
+    elif writer == "lorta":
+        directory = _lorta_dir(tmp_path, **{key: value})
+    else:
+        directory = {"loretta_rep": _rep_dir, "loretta_adp": _adp_dir, "miss": _miss_dir}[writer](
+            tmp_path, specs, **{key: value})
+    message = rf"{directory}/adapter_config\.json, key '{key}': expected {expected}.*, found {re.escape(repr(value))}"
+    with pytest.raises(AdapterFormatError, match=message):
+        load_adapter(directory, specs["mha"])
+
+
+def test_unset_unknown_settings_are_accepted(specs, tmp_path):
+    """A key tenfold does not know, left unset (null, false, empty), changes nothing and is accepted."""
+    directory = _lora_dir(tmp_path, a_future_peft_setting=None, another_one=False, a_third={})
+    assert load_adapter(directory, specs["mha"]).family == "lora"
+
+
+def test_peft_converted_pissa_config_is_accepted(specs, tmp_path):
+    """PEFT's conversion writes init_lora_weights: true (and keeps the PiSSA sub-config keys it had)."""
+    directory = _lora_dir(tmp_path, init_lora_weights=True, corda_config=None, loftq_config={})
+    assert load_adapter(directory, specs["mha"]).family == "lora"
+
+
+def test_lorta_scalings_that_do_not_factor_are_refused(specs, tmp_path):
+    # q gets r=2 in layer 0 only, v in layer 1 only: the (layer, matrix) table is not a product, so it cannot live in
+    # C_l x C_m
+    directory = _lorta_dir(tmp_path, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2, r"layers\.1\.self_attn\.v_proj": 2})
+    with pytest.raises(AdapterFormatError, match=r"adapter_config\.json, key 'rank_pattern/alpha_pattern': expected "
+                                                 r"per-module scalings that factor .*found scaling"):
+        load_adapter(directory, specs["mha"])
+
+
+def test_lorta_targets_that_differ_per_layer_are_refused(specs, tmp_path):
+    directory = _lorta_dir(tmp_path, target_modules=["layers.0.self_attn.q_proj", "v_proj"])
+    with pytest.raises(AdapterFormatError, match=r"key 'target_modules': expected the same attention matrices in every "
+                                                 r"adapted layer.*found \['layers\.0\.self_attn\.q_proj', 'v_proj'\]"):
+        load_adapter(directory, specs["mha"])
+
+
+def test_two_tensors_for_one_module_name_both_keys(specs, tmp_path):
+    tensors = all_layers()
+    second = "base_model.model.model.layers.0.attn.q_proj.lora_A.weight"  # another path, the same module and tensor
+    tensors[second] = torch.randn(4, 256)
+    peft_lora_dir(tmp_path / "dup", tensors)
+    first = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    with pytest.raises(AdapterKeyError, match=r"adapter_model\.safetensors, key '.*': a second tensor for "
+                                              r"lora_A\.weight of layers\.0\.q_proj: expected one, found it also "
+                                              r"under '.*'") as error:
+        load_adapter(tmp_path / "dup", specs["mha"])
+    assert f"'{first}'" in str(error.value) and f"'{second}'" in str(error.value)
+
+
+def test_tensors_outside_the_text_model_name_both_keys(specs, tmp_path):
+    tensors = all_layers()
+    vision = "base_model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj"
+    tensors[f"{vision}.lora_A.weight"] = torch.randn(4, 256)
+    tensors[f"{vision}.lora_B.weight"] = torch.randn(256, 4)
+    peft_lora_dir(tmp_path / "vlm", tensors)
+    text = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    with pytest.raises(AdapterKeyError, match=rf"key '{re.escape(vision)}\.lora_A\.weight': a tensor for a module "
+                                              rf"outside the served text model.*like '{re.escape(text)}'"):
+        load_adapter(tmp_path / "vlm", specs["mha"])
+
+
+def test_excluded_module_with_tensors_is_refused(specs, tmp_path):
+    peft_lora_dir(tmp_path / "excl", all_layers() | all_layers(module="k_proj"), target_modules=["q_proj", "k_proj"],
+                  exclude_modules=["k_proj"])
+    with pytest.raises(AdapterKeyError, match=r"not targeted by the config \['layers\.0\.k_proj', 'layers\.1\.k_proj'"):
+        load_adapter(tmp_path / "excl", specs["mha"])
+    # honoured: the same checkpoint without the k_proj tensors loads
+    peft_lora_dir(tmp_path / "ok", all_layers(), target_modules=["q_proj", "k_proj"], exclude_modules=["k_proj"])
+    assert load_adapter(tmp_path / "ok", specs["mha"]).target_modules() == ["q_proj"]
+
+
+def test_rank_disagreeing_with_rank_pattern(specs, tmp_path):
+    peft_lora_dir(tmp_path / "rp", all_layers(), rank_pattern={"q_proj": 2})
+    with pytest.raises(AdapterFormatError, match=r"q_proj\.lora_A\.weight': expected rank 2 \(r / rank_pattern of "
+                                                 r"adapter_config\.json\), found a tensor of rank 4"):
+        load_adapter(tmp_path / "rp", specs["mha"])

@@ -95,39 +95,45 @@ def group_by_module(tensors: dict, rest_pattern: str, source: Path, paths: dict 
     and tensor, and keys of another layer stack than the text decoder's (a vision tower's ``layers.0.q_proj``):
     each would silently replace or join the text model's tensors."""
     pattern = re.compile(_MODULE_KEY.pattern.replace("{rest}", rest_pattern))
-    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    first_key: dict = {}
-    stacks: dict[str, str] = {}  # path before "layers.<i>" -> first key seen there
-    unmatched = []
+    matched, unmatched = [], []
     for name, value in tensors.items():
         m = pattern.search(name)
         if m is None:
             unmatched.append(name)
-            continue
-        key = (int(m.group("layer")), m.group("module"))
-        stack = name[: m.start("layer") - len("layers.")]
+        else:
+            matched.append((name, value, m, (int(m.group("layer")), m.group("module")), m.group("rest"),
+                            name[: m.start("layer") - len("layers.")]))
+    # first the stacks (path before "layers.<i>"): a non-text component is named as such, with the text model's key
+    # it would have joined
+    stacks: dict[str, str] = {}
+    for name, _, _, _, _, stack in matched:
         stacks.setdefault(stack, name)
-        if (key, m.group("rest")) in first_key:
-            raise AdapterKeyError(
-                f"{where(source, name)}: a second tensor for {m.group('rest')} of layers.{key[0]}.{key[1]}: expected "
-                f"one, found it also under {first_key[key, m.group('rest')]!r}; refusing to pick one")
-        first_key[key, m.group("rest")] = name
-        grouped.setdefault(key, {})[m.group("rest")] = value
-        if paths is not None:
-            paths[key] = name[: m.start("rest") - 1]
-    for stack, name in stacks.items():
-        parts = stack.lower().split(".")
-        if any(token in part for part in parts for token in NON_TEXT_PARTS):
-            others = [k for s, k in stacks.items() if s != stack]
-            raise AdapterKeyError(
-                f"{where(source, name)}: a tensor for a module outside the served text model (path {stack!r}); "
-                f"expected only the text decoder's layers{f' (like {others[0]!r})' if others else ''}; tenfold "
-                f"serves adapters of the text model only")
+    text_stacks = [s for s in stacks if not any(t in part for part in s.lower().split(".") for t in NON_TEXT_PARTS)]
+    for name, _, _, key, rest, stack in matched:
+        if stack in text_stacks:
+            continue
+        twin = next((n for n, _, _, k, r, s in matched if s in text_stacks and (k, r) == (key, rest)),
+                    stacks[text_stacks[0]] if text_stacks else None)
+        raise AdapterKeyError(
+            f"{where(source, name)}: a tensor for a module outside the served text model (path {stack!r}); expected "
+            f"only the text decoder's layers{f' (like {twin!r})' if twin else ''}; tenfold serves adapters of the "
+            f"text model only")
     if len(stacks) > 1:
         (a, key_a), (b, key_b) = list(stacks.items())[:2]
         raise AdapterKeyError(
             f"{where(source, key_b)}: tensors of two different layer stacks: expected one text model, found {a!r} "
             f"(e.g. {key_a!r}) and {b!r}; refusing to merge them")
+    grouped: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    first_key: dict = {}
+    for name, value, m, key, rest, _ in matched:
+        if (key, rest) in first_key:
+            raise AdapterKeyError(
+                f"{where(source, name)}: a second tensor for {rest} of layers.{key[0]}.{key[1]}: expected one, found "
+                f"it also under {first_key[key, rest]!r}; refusing to pick one")
+        first_key[key, rest] = name
+        grouped.setdefault(key, {})[rest] = value
+        if paths is not None:
+            paths[key] = name[: m.start("rest") - 1]
     if unmatched:
         raise AdapterKeyError(
             f"{where(source)}: {len(unmatched)} tensor key(s) match no per-layer module of the expected form "
