@@ -13,20 +13,68 @@ LINEAR_DELTA_CASES = [c for c, (family, _) in CASES.items() if family != "lorett
 EXACT_LORA_CASES = [c for c, (family, _) in CASES.items() if family not in ("bat", "loretta_adp")]
 
 
+def reference_delta(adapter, spec, key, base_weight=None) -> torch.Tensor:
+    """The dense update [out, in] of one module, written out here from each family's official formula and read from
+    the adapter's raw tensors only (never from its own math), so it can disagree with the family code."""
+    layer, module = key
+    fan_in, fan_out = spec.module_shape(module)
+    t = adapter.tensor
+    name = f"layers.{layer}.{module}"
+    cfg = adapter.config
+    if adapter.family == "lora":  # PEFT: scaling * B @ A, scaling alpha/r
+        return cfg["lora_alpha"] / cfg["r"] * t(f"{name}.lora_B") @ t(f"{name}.lora_A")
+    if adapter.family == "lorta":  # the fork: cat_h A diag(C_h[h] C_m[m] C_l[l]) B, applied as x @ delta^T
+        a, b, c_h = t("lora_A"), t("lora_B"), t("lora_C_h")
+        m = ["q_proj", "k_proj", "v_proj", "o_proj"].index(module)
+        heads = [a @ torch.diag(c_h[h] * t("lora_C_m")[m] * t("lora_C_l")[layer]) @ b for h in range(spec.num_heads)]
+        full = torch.cat(heads, dim=1) * cfg["lora_alpha"] / cfg["r"]  # [d, H*d_h] as the fork builds it
+        linear = full.t() if cfg["orientation"] == "heads_out" else full  # nn.Linear layout [out, in]
+        if module in ("k_proj", "v_proj") and spec.group_size > 1:
+            # tenfold's GQA rule: key/value head g gets the mean of its query heads' rows (output heads)
+            linear = linear.reshape(spec.num_kv_heads, spec.group_size, -1, linear.shape[1]).mean(1)
+            linear = linear.reshape(-1, linear.shape[-1])
+        return linear
+    if adapter.family == "loretta_rep":  # LoRETTA: contract the TT cores in order, row-major, x @ W_A @ W_B
+        def contract(part, rows, cols):
+            cores = [t(f"{name}.{part}.cores.{k}") for k in range(len(adapter._cores[key][part]))]
+            out = cores[0].reshape(-1, cores[0].shape[-1])
+            for core in cores[1:]:
+                out = (out @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
+            return out.reshape(rows, cols)
+        r = cfg["r"]
+        w_a, w_b = contract("lora_A", fan_in, r), contract("lora_B", r, fan_out)
+        return (cfg["lora_alpha"] / r) * (w_a @ w_b).t()
+    if adapter.family == "miss":  # MiSS: y += sum_j x_j @ D (x cut in width-r blocks); mini: D = M tiled along out
+        block = t(f"{name}.miss_block")
+        r = cfg["r"]
+        d = block if cfg["variant"] == "default" else torch.cat([block] * (fan_out // block.shape[1]), dim=1)
+        return torch.stack([d[i % r] for i in range(fan_in)], dim=1)  # delta[o, i] = D[i mod r, o]
+    if adapter.family == "bat":  # Bat: block (i, j) of the update is (W0_ij + I) D_i
+        d, r = t(f"{name}.miss_block"), cfg["r"]
+        out = torch.zeros(fan_out, fan_in, dtype=d.dtype)
+        for i in range(fan_out // r):
+            for j in range(fan_in // r):
+                w_ij = base_weight[i * r:(i + 1) * r, j * r:(j + 1) * r].to(d.dtype)
+                out[i * r:(i + 1) * r, j * r:(j + 1) * r] = (w_ij + torch.eye(r, dtype=d.dtype)) @ d[i]
+        return out
+    raise AssertionError(adapter.family)
+
+
 def random_ids(seed: int, batch: int = 3, length: int = 14) -> torch.Tensor:
     return torch.randint(3, 500, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
-def merged_logits(model, adapter, ids):
-    """Logits with every delta added into the base weights (then restored)."""
+def merged_logits(model, adapter, spec, ids):
+    """Logits with every reference delta (written out above, independent of the family's code) added into the base
+    weights (then restored)."""
     linears = find_linears(model)
     saved = {}
     try:
         for key in adapter.targets:
             weight = linears[key][2].weight
             saved[key] = weight.data.clone()
-            weight.data += adapter.delta(key, weight.data)
+            weight.data += reference_delta(adapter, spec, key, weight.data)
         return model(ids).logits
     finally:
         for key, original in saved.items():
@@ -43,7 +91,7 @@ def test_module_equals_merged_delta(case, model_name, hf_models, specs):
         with attach(model, adapter):
             ours = model(ids).logits
         after = model(ids).logits
-    merged = merged_logits(model, adapter, ids)
+    merged = merged_logits(model, adapter, spec, ids)
     assert (ours - base).abs().max() > 0.05, "the adapter must visibly change the logits"
     assert (ours - merged).abs().max().item() <= 1e-5
     assert torch.equal(after, base), "detach must restore the model exactly"
@@ -51,13 +99,18 @@ def test_module_equals_merged_delta(case, model_name, hf_models, specs):
 
 @pytest.mark.parametrize("case", EXACT_LORA_CASES)
 def test_exact_lora_form(case, model_name, specs):
-    adapter = make(case, specs[model_name], seed=3)
-    adapter.validate(specs[model_name])
+    """The LoRA form (what `tenfold convert` writes and convert mode serves) equals the official formula."""
+    spec = specs[model_name]
+    adapter = make(case, spec, seed=3)
+    adapter.validate(spec)
     for key in adapter.targets:
         a, b = adapter.lora_factors(key)
-        fan_in, fan_out = specs[model_name].module_shape(key[1])
+        fan_in, fan_out = spec.module_shape(key[1])
         assert a.shape == (adapter.rank, fan_in) and b.shape == (fan_out, adapter.rank)
-        torch.testing.assert_close(b @ a, adapter.delta(key), rtol=0, atol=1e-6)
+        expected = reference_delta(adapter, spec, key)
+        assert expected.abs().max() > 1e-4, "a zero reference would prove nothing"
+        torch.testing.assert_close(b @ a, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter.delta(key), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["bat", "loretta_adp"])
