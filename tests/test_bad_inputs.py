@@ -343,3 +343,36 @@ def test_rank_disagreeing_with_rank_pattern(specs, tmp_path):
     with pytest.raises(AdapterFormatError, match=r"q_proj\.lora_A\.weight': expected rank 2 \(r / rank_pattern of "
                                                  r"adapter_config\.json\), found a tensor of rank 4"):
         load_adapter(tmp_path / "rp", specs["mha"])
+
+
+# --- a broken test environment fails CI instead of skipping quietly -------------------------------------------------
+
+def _run_strict(tmp_path, test_source, required):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).with_name("conftest.py"), tmp_path / "conftest.py")
+    (tmp_path / "test_sample.py").write_text(test_source)
+    env = {**__import__("os").environ, "CI": "true", "TENFOLD_CI_REQUIRED_IMPORTS": required}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def test_ci_fails_on_a_skip_without_an_accepted_reason(tmp_path):
+    source = ("import pytest\n"
+              "def test_gpu():\n    pytest.skip('needs CUDA')\n"
+              "def test_ok():\n    pass\n")
+    assert _run_strict(tmp_path, source, "json").returncode == 0  # an accepted reason
+    source += "def test_quiet():\n    pytest.skip('something is missing')\n"
+    result = _run_strict(tmp_path, source, "json")
+    assert result.returncode == 1 and "skips without an accepted reason" in result.stdout
+    assert "test_quiet: " in result.stdout and "something is missing" in result.stdout
+
+
+def test_ci_fails_when_a_required_module_cannot_be_imported(tmp_path):
+    result = _run_strict(tmp_path, "import pytest\nvllm = pytest.importorskip('no_such_module_x')\n"
+                                   "def test_engine():\n    pass\n", "json,no_such_module_x")
+    assert result.returncode != 0
+    assert "CI: no_such_module_x cannot be imported" in result.stdout + result.stderr
