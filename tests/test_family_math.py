@@ -149,3 +149,59 @@ def test_attaching_twice_is_refused(hf_models, specs):
     with attach(model, first):
         with pytest.raises(ValueError, match="already carries an adapter"):
             attach(model, second)
+
+
+# --- sizes: what a LoRTA slot row and a served adapter really cost --------------------------------------------------
+
+LLAMA2_7B = dict(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=11008)
+
+
+@pytest.mark.parametrize("orientation, row_params", [
+    # heads_out: A^T [r, d] + B [r, d_h] + per-(layer, matrix) head weights [L, H, r] for q, k, v, o + the fused
+    # q|k|v copy [L, 3H, r]
+    ("heads_out", 64 * 4096 + 64 * 128 + 4 * 32 * 32 * 64 + 32 * 96 * 64),
+    # heads_in: B^T + C_h + A^T for q/o and its k/v group mean (the same on MHA) + C_lm [L, 4, r]
+    ("heads_in", 64 * 128 + 32 * 64 + 2 * 64 * 4096 + 32 * 4 * 64),
+])
+def test_lorta_slot_row_size_on_llama2_7b_shapes(orientation, row_params):
+    """Measured, shapes only (random factors, no weights): at r=64 the adapter holds 275k parameters; its heads_out
+    slot row 729k (2.65x, 2.9 MB in fp32), its heads_in row 542k (1.97x). The README quotes these numbers."""
+    from tenfold.adapters import FAMILIES, ModelSpec
+    from tenfold.engine.families import BUCKETS
+    from tenfold.engine.sharding import Shard
+
+    spec = ModelSpec(**LLAMA2_7B)
+    adapter = FAMILIES["lorta"].create(spec, r=64, orientation=orientation)
+    adapter.validate(spec)
+    assert adapter.num_params() == 64 * (4096 + 128 + 32 + 32 + 4) == 274_688
+    bucket = BUCKETS["lorta"](BUCKETS["lorta"].signature_of(adapter), spec, torch.float32, torch.device("cpu"),
+                              Shard(spec))
+    with torch.no_grad():
+        measured = sum(t.numel() for t in bucket.row_tensors(adapter).values())
+    assert measured == row_params
+    assert {"heads_out": 729_088, "heads_in": 542_720}[orientation] == row_params
+
+
+@pytest.mark.parametrize("mode", ["native", "convert"])
+def test_adapter_facts_report_real_worker_bytes(mode, specs, tmp_path, monkeypatch):
+    """Worker bytes follow the table dtype and count every tensor-parallel rank, against sizes written out here."""
+    import dataclasses
+
+    from tenfold.adapters import save_adapter
+    from tenfold.engine import loader
+
+    monkeypatch.setenv("TENFOLD_MODE", mode)
+    spec = specs["mha"]
+    adapter = make("lora", spec, seed=21, target_modules=["q_proj", "down_proj"], r=8)
+    adapter.validate(spec)
+    save_adapter(adapter, tmp_path / "lora")
+    d, ff, layers, r = spec.hidden_size, spec.intermediate_size, spec.num_layers, 8
+    a_q, b_q, a_down, b_down = r * d, d * r, r * ff, d * r  # q_proj [256->256], down_proj [512->256]
+    for dtype, tp in ((torch.float32, 1), (torch.bfloat16, 1), (torch.float32, 2)):
+        facts = loader.adapter_facts(tmp_path / "lora", spec, tensor_parallel_size=tp, worker_dtype=dtype)
+        element = 4 if dtype == torch.float32 else 2
+        # column-parallel q: A whole on every rank, B split; row-parallel down: A split, B whole on every rank
+        entries = layers * (tp * a_q + b_q + a_down + tp * b_down)
+        assert facts.worker_bytes == entries * element, (dtype, tp)
+        assert facts.params == layers * (a_q + b_q + a_down + b_down) and facts.nbytes == facts.params * 4
+        assert dataclasses.asdict(facts)["worker_dtype"] == str(dtype).removeprefix("torch.")

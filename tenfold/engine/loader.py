@@ -70,6 +70,14 @@ def _cached(kind: str, path, spec: ModelSpec, build):
     return value
 
 
+def forget(path) -> None:
+    """Drop every cached load of `path` (an adapter version that will not be read again)."""
+    directory = str(Path(path).resolve())
+    with _lock:
+        for key in [k for k in _cache if k[1] == directory]:
+            del _cache[key]
+
+
 @dataclass(frozen=True)
 class NativeAdapter:
     adapter: Adapter  # validated against the served model
@@ -108,20 +116,72 @@ class AdapterFacts:
     rank: int
     params: int        # the adapter's own parameters
     nbytes: int        # bytes of its own factors, as stored
-    worker_bytes: int  # bytes a worker holds for it on the current execution path
+    worker_bytes: int  # bytes the workers hold for it on the current execution path, all tensor-parallel ranks together
+    worker_dtype: str = "float32"  # the dtype of what the workers hold
+    tensor_parallel_size: int = 1
 
 
-def adapter_facts(path, spec: ModelSpec) -> AdapterFacts:
-    """What serving this adapter costs on the current execution path (TENFOLD_MODE)."""
+def _worker_dtype(spec: ModelSpec) -> torch.dtype:
+    """What the workers store adapters in: native slot tables are fp32 on CPU (tenfold's choice: the CPU's bf16
+    matmuls are slow) and vLLM's LoRA dtype elsewhere, which follows the model's dtype; vLLM's LoRA tensors (convert
+    mode) are in the LoRA dtype on every device."""
+    if execution_mode_is_native() and _on_cpu():
+        return torch.float32
+    return spec.dtype if spec.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def execution_mode_is_native() -> bool:
     from .mode import execution_mode
 
-    if execution_mode() == "native":
-        native = load_for_native(path, spec)
+    return execution_mode() == "native"
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+    except Exception:  # no vLLM: the library alone runs on CPU
+        return True
+
+
+def _row_params(adapter: Adapter, spec: ModelSpec, tensor_parallel_size: int, rank: int) -> int:
+    """Entries of the adapter's slot-table row on one tensor-parallel rank (as a worker builds it)."""
+    from .families import BUCKETS
+    from .sharding import Shard
+
+    bucket_cls = BUCKETS[adapter.family]
+    bucket = bucket_cls(bucket_cls.signature_of(adapter), spec, torch.float32, torch.device("cpu"),
+                        Shard(spec, rank, tensor_parallel_size))
+    with torch.no_grad():
+        return sum(t.numel() for t in bucket.row_tensors(adapter).values())
+
+
+def adapter_facts(path, spec: ModelSpec, *, tensor_parallel_size: int = 1,
+                  worker_dtype: torch.dtype | None = None) -> AdapterFacts:
+    """What serving this adapter costs on the current execution path (TENFOLD_MODE): the adapter's own size and the
+    bytes its workers hold, in the dtype they hold it in (`worker_dtype`, by default what the engine uses on this
+    platform for `spec.dtype`), summed over the `tensor_parallel_size` ranks (each holds its own shard plus the
+    parts every rank needs)."""
+    dtype = worker_dtype or _worker_dtype(spec)
+    element = torch.empty((), dtype=dtype).element_size()
+    name = str(dtype).removeprefix("torch.")
+    if execution_mode_is_native():
+        native = load_for_native(path, spec, tensor_parallel_size)
         a = native.adapter
-        return AdapterFacts(a.family, a.rank, a.num_params(), a.nbytes(), native.slot_params * 4)  # fp32 tables on CPU
+        entries = native.slot_params + sum(_row_params(a, spec, tensor_parallel_size, rank)
+                                           for rank in range(1, tensor_parallel_size))
+        return AdapterFacts(a.family, a.rank, a.num_params(), a.nbytes(), entries * element, name,
+                            tensor_parallel_size)
     c = convert_for_vllm(path, spec)
-    return AdapterFacts(c.family, c.rank, c.params, c.nbytes,
-                        sum(t.numel() * t.element_size() for t in c.tensors.values()))
+    # vLLM (fully_sharded_loras off, its default) keeps lora_A whole on every rank of a column-parallel layer and
+    # shards lora_B; a row-parallel layer (o_proj, down_proj) the other way round
+    entries = 0
+    for key, t in c.tensors.items():
+        row_parallel = ".o_proj." in key or ".down_proj." in key
+        replicated = (".lora_B." in key) if row_parallel else (".lora_A." in key)
+        entries += t.numel() * (tensor_parallel_size if replicated else 1)
+    return AdapterFacts(c.family, c.rank, c.params, c.nbytes, entries * element, name, tensor_parallel_size)
 
 
 def convert_for_vllm(path, spec: ModelSpec, max_rank: int | None = None) -> ConvertedAdapter:
