@@ -376,3 +376,24 @@ def test_ci_fails_when_a_required_module_cannot_be_imported(tmp_path):
                                    "def test_engine():\n    pass\n", "json,no_such_module_x")
     assert result.returncode != 0
     assert "CI: no_such_module_x cannot be imported" in result.stdout + result.stderr
+
+
+def test_missing_target_modules_means_peft_default(specs, tmp_path):
+    """PEFT fills a missing target_modules with q_proj and v_proj for every architecture tenfold serves."""
+    directory = tmp_path / "default"
+    peft_lora_dir(directory, all_layers() | all_layers(module="v_proj"))
+    config = json.loads((directory / "adapter_config.json").read_text())
+    del config["target_modules"]
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    assert load_adapter(directory, specs["mha"]).target_modules() == ["q_proj", "v_proj"]
+    peft_lora_dir(tmp_path / "q_only", all_layers())
+    config["target_modules"] = None
+    (tmp_path / "q_only" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterKeyError, match=r"missing \['layers\.0\.v_proj', 'layers\.1\.v_proj', 'layers\.2\.v_proj'\]"):
+        load_adapter(tmp_path / "q_only", specs["mha"])
+
+
+def test_layers_pattern_of_another_layer_list_is_refused(specs, tmp_path):
+    peft_lora_dir(tmp_path / "h", all_layers(), layers_to_transform=[0, 1, 2], layers_pattern="h")
+    with pytest.raises(AdapterFormatError, match=r"key 'layers_pattern': expected 'layers' .*found 'h'"):
+        load_adapter(tmp_path / "h", specs["mha"])

@@ -73,7 +73,8 @@ REFUSED = (
     Refusal("init_lora_weights", "true, false, 'gaussian', 'eva', 'orthogonal' or 'mica' (inits that leave the base "
             "weights untouched)", _init_served, "this initialisation changes the base weights, so the adapter is only "
             "correct on that changed base; " + _CONVERT),
-    Refusal("rank_pattern", "a mapping of module patterns to positive integer ranks", _rank_pattern_ok, ""),
+    Refusal("rank_pattern", "a mapping of module patterns to positive integer ranks", _rank_pattern_ok,
+            "each module's rank must be a positive integer"),
 )
 
 
@@ -107,8 +108,12 @@ def read(config: dict, tensors: dict, source: Path) -> LoRA:
             alphas[key_name(key)] = float(alpha)
     template, blocks = template_from_paths(paths, PEFT_PREFIX)
     targeting = {"rule": "peft", "path_template": template, "blocks": blocks,
-                 **{k: config.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",
-                                               "layers_pattern")}}
+                 **{k: config.get(k) for k in ("exclude_modules", "layers_to_transform",
+                                               "layers_pattern")},
+                 # PEFT fills a missing target_modules with its default for the architecture: q_proj and v_proj for
+                 # every one tenfold serves (llama, mistral, qwen2, qwen3)
+                 "target_modules": (config["target_modules"] if config.get("target_modules") is not None
+                                    else ["q_proj", "v_proj"])}
     targets = config.get("target_modules")
     ours_config = {
         "r": config["r"], "lora_alpha": float(config["lora_alpha"]), "use_rslora": bool(config.get("use_rslora")),

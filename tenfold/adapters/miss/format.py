@@ -39,8 +39,11 @@ def read(config: dict, tensors: dict, source: Path):
     common = {"r": config["r"],
               "target_modules": sorted(targets) if isinstance(targets, list) else sorted({m for _, m in grouped}),
               "targeting": {"rule": "peft", "path_template": template, "blocks": blocks,
-                            **{k: config.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",
-                                                          "layers_pattern")}}}
+                            **{k: config.get(k) for k in ("exclude_modules", "layers_to_transform",
+                                                          "layers_pattern")},
+                            # PEFT's default for every architecture tenfold serves
+                            "target_modules": (config["target_modules"] if config.get("target_modules") is not None
+                                               else ["q_proj", "v_proj"])}}
     if init == "bat":
         return Bat(common, ours, source=source)
     if init == "mini":
