@@ -12,7 +12,7 @@ import torch
 
 import official_layouts as layouts
 from adapter_cases import make
-from tenfold.adapters import AdapterFormatError, attach, load_adapter
+from tenfold.adapters import AdapterFormatError, attach, load_adapter, save_adapter
 from tenfold.adapters.attach import find_linears
 
 
@@ -320,6 +320,11 @@ def test_lorta_fork_settings_match_the_fork_formula(setting, hf_models, specs, t
     assert sorted(loaded.targets) == sorted(expected)
     for key, delta in expected.items():
         torch.testing.assert_close(loaded.delta(key), delta, rtol=1e-5, atol=1e-7)
+    # kept through tenfold's own format (what `tenfold convert` and the caches write)
+    resaved = load_adapter(save_adapter(loaded, tmp_path / "tenfold"), spec)
+    assert sorted(resaved.targets) == sorted(expected)
+    for key, delta in expected.items():
+        torch.testing.assert_close(resaved.delta(key), delta, rtol=1e-5, atol=1e-7)
     # the same through the attached model (and the engine's shared factors): merged reference weights
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))
     linears = find_linears(model)
