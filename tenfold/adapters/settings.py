@@ -22,11 +22,16 @@ from .errors import AdapterFormatError, where
 
 # Keys every PEFT-style config carries; none changes the forward pass.
 BOOKKEEPING = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-               "peft_version", "format", "orientation")
+               "peft_version")
 
 
 def _unset(value) -> bool:
     return value is None or value is False or (isinstance(value, (list, dict, str, tuple)) and len(value) == 0)
+
+
+def not_set(value) -> bool:
+    """null, false or empty: the setting is off."""
+    return _unset(value)
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,6 @@ class Refusal:
     accepted: str                       # what tenfold serves, in words, for the message
     ok: object                          # predicate on the value: True when it is served
     why: str                            # the producer's meaning and what to do instead
-
-
-def not_set(value) -> bool:
-    return _unset(value)
 
 
 def audit(config: dict, cfg_path, honoured: tuple[str, ...], refusals: tuple[Refusal, ...], producer: str) -> None:
