@@ -191,3 +191,62 @@ def test_official_layouts_are_served(served, specs, tmp_path):
     outputs = generate(served["llm"], prompts, requests)
     check_against_reference({**served, "adapters": adapters}, prompts, cases, outputs)
     assert {p.name: sorted(q.name for q in p.iterdir()) for p in tmp_path.iterdir()} == before, "nothing written"
+
+
+def run_to_completion(llm, submissions):
+    """Add (prompt, LoRARequest) pairs straight to the engine, call `between()` hooks, step until all finish;
+    returns the greedy tokens per prompt (tuple)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    engine = llm.llm_engine
+    for i, (prompt, request, between) in enumerate(submissions):
+        engine.add_request(f"lifecycle-{i}-{id(prompt)}", {"prompt_token_ids": prompt}, params, lora_request=request)
+        if between is not None:
+            between()
+    tokens = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                tokens[tuple(output.prompt_token_ids)] = list(output.outputs[0].token_ids)
+    return tokens
+
+
+def test_requests_finish_on_their_version_through_rewrite_delete_and_remove(served, specs, tmp_path):
+    """Offline API: a request admitted before its adapter is rewritten keeps the old weights while a request
+    admitted after it gets the new ones (two versions of one name in one batch: vLLM 0.32 collapsed them by name and
+    its worker died with KeyError); then the files are deleted and the adapter removed while its last request still
+    runs: it finishes exactly, a new request for the deleted path fails alone, and the engine keeps serving."""
+    import shutil
+
+    from vllm.lora.request import LoRARequest
+
+    spec = specs[served["name"]]
+    old, new = make("miss", spec, seed=41), make("miss", spec, seed=42)
+    path = tmp_path / "swap"
+    save_adapter(old, path)
+    request = LoRARequest("swap", 5000, str(path))
+    first, second, third = random_prompts(3, seed=43)
+
+    def rewrite():
+        shutil.rmtree(path)
+        save_adapter(new, path)
+
+    def delete_and_remove():
+        shutil.rmtree(path)
+        assert served["llm"].llm_engine.remove_lora(5000)
+
+    tokens = run_to_completion(served["llm"], [(first, request, rewrite), (second, request, None),
+                                               (third, request, delete_and_remove)])
+    assert tokens[tuple(first)] == greedy_reference(served["model"], first, NEW_TOKENS, old)[0], "old version"
+    assert tokens[tuple(second)] == greedy_reference(served["model"], second, NEW_TOKENS, new)[0], "new version"
+    assert tokens[tuple(third)] == greedy_reference(served["model"], third, NEW_TOKENS, new)[0], "after removal"
+    with pytest.raises(Exception, match="does not exist"):
+        generate(served["llm"], [first], [LoRARequest("swap", 5001, str(path))])
+    versions = served["llm"].llm_engine._tenfold_versions
+    assert not any(v.user_id in (5000, 5001) for v in versions._versions.values()), "removed versions were freed"
+    assert 5000 not in served["llm"].llm_engine.list_loras()
+    cases = [None, "miss"]
+    prompts = random_prompts(len(cases), seed=44)
+    check_against_reference(served, prompts, cases,
+                            generate(served["llm"], prompts, [lora_request(served, c) if c else None for c in cases]))

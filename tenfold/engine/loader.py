@@ -192,12 +192,40 @@ def convert_for_vllm(path, spec: ModelSpec, max_rank: int | None = None) -> Conv
     return converted
 
 
-def _convert(directory: Path, version: str, spec: ModelSpec) -> ConvertedAdapter:
+@dataclass(frozen=True)
+class ConvertCheck:
+    family: str
+    rank: int  # of the exact LoRA form, as the worker will serve it
+    fingerprint: str
+
+
+def check_for_convert(path, spec: ModelSpec, max_rank: int | None = None) -> ConvertCheck:
+    """What the front end needs to admit an adapter in convert mode: it loads, fits the served model, has an exact
+    LoRA form within `max_rank`. Caches only that (the worker converts; dense LoRA tensors of a LoRTA adapter are
+    hundreds of times its file)."""
+    checked = _cached("convert-check", path, spec, lambda directory, version: _check_convert(directory, version, spec))
+    _check_rank(checked, Path(path), max_rank)
+    return checked
+
+
+def _check_convert(directory: Path, version: str, spec: ModelSpec) -> ConvertCheck:
+    adapter = _exact_lora_adapter(directory, spec)
+    with torch.no_grad():  # one module's factors at a time: nothing dense is kept
+        rank = max(adapter.lora_factors(key)[0].shape[0] for key in adapter.targets)
+    return ConvertCheck(adapter.family, rank, version)
+
+
+def _exact_lora_adapter(directory: Path, spec: ModelSpec) -> Adapter:
     adapter = load_adapter(directory, spec)
     if not adapter.has_exact_lora:
         raise NoExactLoRAError(
             f"{directory}: {adapter.family} adapters have no exact LoRA form, so vLLM's LoRA path (tenfold's "
             f"compatibility mode) cannot serve them; they are served by tenfold's native path (native mode)")
+    return adapter
+
+
+def _convert(directory: Path, version: str, spec: ModelSpec) -> ConvertedAdapter:
+    adapter = _exact_lora_adapter(directory, spec)
     with torch.no_grad():
         factors = {k: adapter.lora_factors(k) for k in adapter.targets}
         rank, tensors = peft_lora_tensors({k: (a.float(), b.float()) for k, (a, b) in factors.items()})
@@ -205,7 +233,7 @@ def _convert(directory: Path, version: str, spec: ModelSpec) -> ConvertedAdapter
                             adapter.num_params(), adapter.nbytes())
 
 
-def _check_rank(converted: ConvertedAdapter, directory: Path, max_rank: int | None) -> None:
+def _check_rank(converted: ConvertedAdapter | ConvertCheck, directory: Path, max_rank: int | None) -> None:
     if max_rank is not None and converted.rank > max_rank:
         raise AdapterMismatchError(
             f"{directory}: this {converted.family} adapter needs LoRA rank {converted.rank}, above the engine's "

@@ -4,25 +4,28 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
 1. Worker loading: `WorkerLoRAManager._load_adapter` reads any tenfold-readable directory and validates it against
    the served model; native mode keeps the family object (every family), convert mode converts it to LoRA tensors
    in memory (exactly-low-rank families only).
-2. Front-end validation: `InputProcessor._validate_lora` runs the same load before a request is queued, so a bad or
-   missing adapter fails that request with a clear error instead of crashing the engine core mid-step; the
-   OpenAI server's `/v1/load_lora_adapter` check does too, answering 400 (unusable adapter), 413 (over the size
-   limit) or 404 (no such path)
-   instead of a 500 from the worker.
+2. Front-end validation: `InputProcessor._validate_lora` runs the same checks before a request is queued (in
+   convert mode without converting: the front end keeps only what the check needs), so a bad or missing adapter
+   fails that request with a clear error instead of crashing the engine core mid-step; the OpenAI server's
+   `/v1/load_lora_adapter` check does too, off the event loop, answering 400 (unusable adapter), 413 (over the size
+   limit) or 404 (no such path) instead of a 500 from the worker.
 3. CPU LoRA ops: vLLM 0.32's torch ops gather slot index -1 ("no adapter") as the last slot, which applies an
    adapter to base-model rows batched with adapter rows; the patched ops zero those rows.
-4. Prefix caching: block hashes of adapter requests also carry the adapter files' fingerprint, so a reloaded
-   adapter never reuses KV computed with its previous weights.
-5. Worker cache: an adapter whose files changed since the worker loaded it is reloaded in place (checked when a new
-   request for it is scheduled); an adapter already resident is activated without vLLM's per-call cache copies.
-6. Unloading: `/v1/unload_lora_adapter` also removes the adapter from the workers' slots and host cache (vLLM 0.32
-   only forgets the name).
+4. Prefix caching: block hashes of adapter requests also carry the fingerprint of the adapter version the request
+   was admitted with, so a rewritten adapter never reuses KV computed with its previous weights.
+5. Worker cache: an adapter already resident is activated without vLLM's per-call cache copies; a step's adapters
+   are kept one per engine id (vLLM's set of LoRARequests compares by name and lost one of two versions in flight).
+6. Unloading: `/v1/unload_lora_adapter` also removes the adapter from the engine (vLLM 0.32 only forgets the name);
+   the engine client frees it once its requests in flight have finished (9).
 8. Native execution (TENFOLD_MODE=native, the default): tenfold's wrappers (`layers.py`) are prepended to
    `_all_lora_classes`; the model manager skips the embedding and logits wrappers (no family adapts them, and their
    per-slot buffers are dense), creates the native state beside the punica wrapper, registers native adapters
    without LoRA packing, and mirrors slot activation, eviction and mapping changes into the slot store.
 7. Instrumentation (`instrument_engine_client`, called by `tenfold serve` on its own engine client): per-request and
    per-load hooks for tenfold's metrics.
+9. Adapter lifecycle: `AsyncLLM` and `LLMEngine` admit adapter requests through `versions.AdapterVersions` (an
+   immutable snapshot and an engine id per adapter version, freed when unloaded and idle), and vLLM's OpenAI
+   front end resolves a name again from the adapter root when an unload raced its lookup.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def apply() -> None:
     _patch_cpu_lora_ops()
     _patch_prefix_cache_keys()
     _patch_native_execution()
+    _patch_adapter_lifecycle()
     _applied = True
     logger.debug("tenfold: vLLM %s patched", SUPPORTED_VLLM_VERSION)
 
@@ -80,9 +84,8 @@ def _patch_worker_loading() -> None:
     from vllm.lora.utils import get_adapter_absolute_path
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
     from vllm.utils.gpu_sync_debug import gpu_sync_allowed
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from .loader import convert_for_vllm, fingerprint, load_for_native
+    from .loader import convert_for_vllm, load_for_native
     from .mode import execution_mode
     from .native_model import NativeLoRAModel
 
@@ -92,14 +95,12 @@ def _patch_worker_loading() -> None:
         original_init(self, vllm_config, *args, **kwargs)
         self._tenfold_spec = served_spec(vllm_config)
         self._tenfold_tp = vllm_config.parallel_config.tensor_parallel_size
-        self._tenfold_fingerprints = {}
 
     def _load_adapter(self, lora_request):
         path = get_adapter_absolute_path(lora_request.lora_path)
         try:
             if execution_mode() == "native":
                 native = load_for_native(path, self._tenfold_spec, self._tenfold_tp)
-                self._tenfold_fingerprints[lora_request.lora_int_id] = native.fingerprint
                 return NativeLoRAModel(lora_request.lora_int_id, native.adapter)
             converted = convert_for_vllm(path, self._tenfold_spec, self.lora_config.max_lora_rank)
         except FileNotFoundError as e:
@@ -115,43 +116,16 @@ def _patch_worker_loading() -> None:
             weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
             skip_prefixes=getattr(model, "lora_skip_prefixes", None))
         lora.is_3d_lora_weight = lora_request.is_3d_lora_weight
-        self._tenfold_fingerprints[lora_request.lora_int_id] = converted.fingerprint
         return lora
 
     original_add = LRUCacheWorkerLoRAManager.add_adapter
-    original_apply = LRUCacheWorkerLoRAManager._apply_adapters
-    original_update_states = GPUModelRunner._update_states
-
-    def _update_states(self, scheduler_output):
-        # the adapters whose files the coming step must re-check: those of newly scheduled requests
-        manager = getattr(self, "lora_manager", None)
-        if manager is not None:
-            manager._tenfold_new_request_ids = {r.lora_request.lora_int_id for r in scheduler_output.scheduled_new_reqs
-                                                if r.lora_request is not None}
-        return original_update_states(self, scheduler_output)
-
-    def _apply_adapters(self, lora_requests):
-        self._tenfold_step_checks = getattr(self, "_tenfold_new_request_ids", None)
-        self._tenfold_new_request_ids = None
-        try:
-            original_apply(self, lora_requests)
-        finally:
-            self._tenfold_step_checks = None
 
     def add_adapter(self, lora_request):
-        # Runs for every active adapter on every step. The files of an adapter are re-checked whenever a new request
-        # for it is scheduled (and on every call outside a step): the scheduler keys a new request's KV blocks with
-        # the version it finds on arrival, so the step that first runs it must hold that version's weights.
-        # Checking every adapter every step costs a few stat calls per adapter per step, and vLLM's own
-        # `list_adapters()` copies the whole cache twice per adapter: both grow with the number of adapters.
+        # Runs for every active adapter on every step. Adapter files never change under an engine id (the front end
+        # binds each version to an id of its own, versions.py), so a resident adapter is only activated: vLLM's
+        # own resident branch copies the whole cache twice per adapter per step (`list_adapters()`).
         lora_id = lora_request.lora_int_id
-        resident = lora_id in self._adapter_manager._registered_adapters
-        step_checks = getattr(self, "_tenfold_step_checks", None)
-        loaded_version = self._tenfold_fingerprints.get(lora_id)
-        if (resident and loaded_version is not None and (step_checks is None or lora_id in step_checks)
-                and fingerprint(get_adapter_absolute_path(lora_request.lora_path)) != loaded_version):
-            lora_request = _with_inplace_reload(lora_request)
-        if not resident or lora_request.load_inplace:
+        if lora_id not in self._adapter_manager._registered_adapters or lora_request.load_inplace:
             return original_add(self, lora_request)
         with gpu_sync_allowed():  # vLLM's already-resident branch: touch it in both LRU caches
             loaded = self._adapter_manager.get_adapter(lora_id) is not None
@@ -161,14 +135,32 @@ def _patch_worker_loading() -> None:
     WorkerLoRAManager.__init__ = __init__
     WorkerLoRAManager._load_adapter = _load_adapter
     LRUCacheWorkerLoRAManager.add_adapter = add_adapter
-    LRUCacheWorkerLoRAManager._apply_adapters = _apply_adapters
-    GPUModelRunner._update_states = _update_states
+    _patch_active_adapters_by_id()
 
 
-def _with_inplace_reload(lora_request):
-    import msgspec
+def _patch_active_adapters_by_id() -> None:
+    """vLLM 0.32 collects a step's adapters in a set of LoRARequests, which hash and compare by *name*: two versions
+    of one adapter in flight at once (requests admitted before and after a reload) collapse into one, the other
+    never gets a slot, and `convert_mapping` raises KeyError in the worker, killing the engine. Keep one request
+    per engine id instead."""
+    from vllm.v1.worker.gpu.lora_utils import LoraState
+    from vllm.v1.worker.gpu_input_batch import InputBatch
 
-    return msgspec.structs.replace(lora_request, load_inplace=True)
+    def make_lora_inputs(self, num_scheduled_tokens, num_sampled_tokens):
+        req_lora_mapping = self.request_lora_mapping[: self.num_reqs]
+        return (tuple(req_lora_mapping.repeat(num_sampled_tokens)), tuple(req_lora_mapping.repeat(num_scheduled_tokens)),
+                list(self.lora_id_to_lora_request.values()))  # one per id already: the dict is keyed by id
+
+    def get_activate_loras(self, req_ids):
+        by_id = {}
+        for req_id in req_ids:
+            lora_request = self.lora_requests.get(req_id)
+            if lora_request is not None:
+                by_id[lora_request.lora_int_id] = lora_request
+        return list(by_id.values())
+
+    InputBatch.make_lora_inputs = make_lora_inputs
+    LoraState.get_activate_loras = get_activate_loras
 
 
 # --- 2: front-end validation ---------------------------------------------------------------------------------------
@@ -178,20 +170,22 @@ def _patch_request_validation() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     from ..adapters import AdapterError
-    from .loader import convert_for_vllm, load_for_native
+    from .loader import check_for_convert, load_for_native
     from .mode import execution_mode
 
     original = InputProcessor._validate_lora
 
-    def check_adapter(self, lora_request) -> None:
+    def check_path(self, path) -> None:
         """Load (and in convert mode convert) in this process, cached; raises AdapterError or FileNotFoundError."""
         if not hasattr(self, "_tenfold_spec"):
             self._tenfold_spec = served_spec(self.vllm_config)
-        path = get_adapter_absolute_path(lora_request.lora_path)
         if execution_mode() == "native":
             load_for_native(path, self._tenfold_spec, self.vllm_config.parallel_config.tensor_parallel_size)
         else:
-            convert_for_vllm(path, self._tenfold_spec, self.lora_config.max_lora_rank)
+            check_for_convert(path, self._tenfold_spec, self.lora_config.max_lora_rank)
+
+    def check_adapter(self, lora_request) -> None:
+        self._tenfold_check_path(get_adapter_absolute_path(lora_request.lora_path))
 
     def _validate_lora(self, lora_request):
         original(self, lora_request)
@@ -203,11 +197,13 @@ def _patch_request_validation() -> None:
             raise VLLMValidationError(f"adapter {lora_request.lora_name!r} cannot be served: {e}",
                                       parameter="lora_request", value=lora_request.lora_name) from None
 
+    InputProcessor._tenfold_check_path = check_path
     InputProcessor._tenfold_check_adapter = check_adapter
     InputProcessor._validate_lora = _validate_lora
 
 
 def _patch_load_endpoint() -> None:
+    import asyncio
     from http import HTTPStatus
 
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
@@ -223,8 +219,9 @@ def _patch_load_endpoint() -> None:
         error = await original(self, request)
         if error is not None:
             return error
-        try:
-            self.input_processor._tenfold_check_adapter(LoRARequest(request.lora_name, 1, request.lora_path))
+        try:  # reads and validates files: off the event loop, so streams keep flowing
+            await asyncio.to_thread(self.input_processor._tenfold_check_adapter,
+                                    LoRARequest(request.lora_name, 1, request.lora_path))
         except FileNotFoundError:
             return create_error_response(LoRAAdapterNotFoundError(request.lora_name, request.lora_path))
         except AdapterTooLargeError as e:
@@ -253,6 +250,204 @@ def _patch_unload_endpoint() -> None:
         return result
 
     OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
+
+
+# --- 9: adapter lifecycle under traffic -----------------------------------------------------------------------------
+def _patch_adapter_lifecycle() -> None:
+    """Every engine client (AsyncLLM, LLMEngine) admits adapter requests through `versions.AdapterVersions`: a
+    request runs on an immutable snapshot of the version it was admitted with, under an engine id of that version;
+    `remove_lora` retires a name's versions and frees each one when its last request ends (vLLM 0.32 removes it from
+    the workers at once, and the next step of a request still using it kills the engine)."""
+    import asyncio
+
+    from vllm.exceptions import VLLMNotFoundError, VLLMValidationError
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
+    from vllm.v1.engine.output_processor import OutputProcessor
+
+    from ..adapters import AdapterError
+    from .versions import ENGINE_ID_BASE, AdapterVersions
+
+    def versions_of(engine, free) -> AdapterVersions:
+        versions = getattr(engine, "_tenfold_versions", None)
+        if versions is None:
+            versions = AdapterVersions(engine.input_processor._tenfold_check_path, free)
+            engine._tenfold_versions = versions
+            engine.output_processor._tenfold_versions = versions
+        return versions
+
+    def refused(lora_request, e: Exception) -> VLLMValidationError:
+        return VLLMValidationError(f"adapter {lora_request.lora_name!r} cannot be served: {e}",
+                                   parameter="lora_request", value=lora_request.lora_name)
+
+    # AsyncLLM: admission off the event loop; frees run as tasks on the loop that owns the engine client
+    async def free_async(engine, freeable) -> None:
+        for version in freeable:
+            try:
+                await original_async_remove(engine, version.engine_id)
+            except Exception:  # a dead engine has nothing left to free; its own error reaches the requests
+                logger.exception("tenfold: freeing adapter version %d failed", version.engine_id)
+            engine._tenfold_versions.discard(version)
+
+    def async_versions(engine) -> AdapterVersions:
+        engine._tenfold_loop = asyncio.get_running_loop()
+        tasks = engine.__dict__.setdefault("_tenfold_free_tasks", set())
+
+        def free(freeable):
+            def start():
+                task = engine._tenfold_loop.create_task(free_async(engine, freeable))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            engine._tenfold_loop.call_soon_threadsafe(start)
+        return versions_of(engine, free)
+
+    async def async_add_request(self, request_id, prompt, params, arrival_time=None, lora_request=None, **kwargs):
+        if lora_request is None or isinstance(prompt, EngineCoreRequest):
+            return await original_async_add_request(self, request_id, prompt, params, arrival_time, lora_request,
+                                                    **kwargs)
+        versions = async_versions(self)
+        try:
+            bound = await asyncio.to_thread(versions.admit, lora_request)
+        except (AdapterError, FileNotFoundError, RuntimeError) as e:
+            raise refused(lora_request, e) from None
+        try:
+            return await original_async_add_request(self, request_id, prompt, params, arrival_time, bound, **kwargs)
+        finally:
+            versions.release(bound.lora_int_id)
+
+    async def async_add_lora(self, lora_request):
+        versions = async_versions(self)
+        versions.forget_user(lora_request.lora_int_id)  # vLLM reuses a loaded name's id for in-place loads
+        bound = await asyncio.to_thread(versions.admit, lora_request, False)
+        return await original_async_add_lora(self, bound)
+
+    async def async_remove_lora(self, lora_id: int) -> bool:
+        if lora_id >= ENGINE_ID_BASE or getattr(self, "_tenfold_versions", None) is None:
+            return await original_async_remove(self, lora_id)
+        async_versions(self)
+        had, freeable = self._tenfold_versions.retire_user(lora_id)
+        await free_async(self, freeable)
+        return had
+
+    async def async_list_loras(self) -> set[int]:
+        return _user_ids(self, await original_async_list(self))
+
+    # LLMEngine (offline LLM API): the same, synchronously
+    def sync_versions(engine) -> AdapterVersions:
+        def free(freeable):
+            for version in freeable:
+                try:
+                    original_sync_remove(engine, version.engine_id)
+                except Exception:
+                    logger.exception("tenfold: freeing adapter version %d failed", version.engine_id)
+                engine._tenfold_versions.discard(version)
+        return versions_of(engine, free)
+
+    def sync_add_request(self, request_id, prompt, params, arrival_time=None, lora_request=None, **kwargs):
+        if lora_request is None or isinstance(prompt, EngineCoreRequest):
+            return original_sync_add_request(self, request_id, prompt, params, arrival_time, lora_request, **kwargs)
+        versions = sync_versions(self)
+        try:
+            bound = versions.admit(lora_request)
+        except (AdapterError, FileNotFoundError, RuntimeError) as e:
+            raise refused(lora_request, e) from None
+        try:
+            return original_sync_add_request(self, request_id, prompt, params, arrival_time, bound, **kwargs)
+        finally:
+            versions.release(bound.lora_int_id)
+
+    def sync_add_lora(self, lora_request):
+        versions = sync_versions(self)
+        versions.forget_user(lora_request.lora_int_id)
+        return original_sync_add_lora(self, versions.admit(lora_request, False))
+
+    def sync_remove_lora(self, lora_id: int) -> bool:
+        if lora_id >= ENGINE_ID_BASE or getattr(self, "_tenfold_versions", None) is None:
+            return original_sync_remove(self, lora_id)
+        had, freeable = sync_versions(self).retire_user(lora_id)
+        self._tenfold_versions._on_freeable(freeable)
+        return had
+
+    def sync_list_loras(self) -> set[int]:
+        return _user_ids(self, original_sync_list(self))
+
+    # the output processor reports when each request's use of its version starts and ends
+    def add_request(self, request, prompt, parent_req=None, request_index=0, queue=None):
+        original_output_add(self, request, prompt, parent_req, request_index, queue)
+        versions = getattr(self, "_tenfold_versions", None)
+        if versions is not None and request.lora_request is not None:
+            versions.started(request.request_id, request.lora_request.lora_int_id)
+
+    def _finish_request(self, req_state):
+        original_finish(self, req_state)
+        versions = getattr(self, "_tenfold_versions", None)
+        if versions is not None:
+            versions.ended(req_state.request_id)
+
+    def abort_requests(self, request_ids, internal):
+        aborted = original_abort(self, request_ids, internal)
+        versions = getattr(self, "_tenfold_versions", None)
+        if versions is not None:
+            for request_id in aborted:
+                versions.ended(request_id)
+        return aborted
+
+    original_async_add_request, original_async_add_lora = AsyncLLM.add_request, AsyncLLM.add_lora
+    original_async_remove, original_async_list = AsyncLLM.remove_lora, AsyncLLM.list_loras
+    original_sync_add_request, original_sync_add_lora = LLMEngine.add_request, LLMEngine.add_lora
+    original_sync_remove, original_sync_list = LLMEngine.remove_lora, LLMEngine.list_loras
+    original_output_add, original_finish = OutputProcessor.add_request, OutputProcessor._finish_request
+    original_abort = OutputProcessor.abort_requests
+    AsyncLLM.add_request, AsyncLLM.add_lora = async_add_request, async_add_lora
+    AsyncLLM.remove_lora, AsyncLLM.list_loras = async_remove_lora, async_list_loras
+    LLMEngine.add_request, LLMEngine.add_lora = sync_add_request, sync_add_lora
+    LLMEngine.remove_lora, LLMEngine.list_loras = sync_remove_lora, sync_list_loras
+    OutputProcessor.add_request, OutputProcessor._finish_request = add_request, _finish_request
+    OutputProcessor.abort_requests = abort_requests
+    _patch_resolution_race(VLLMNotFoundError)
+
+
+def _user_ids(engine, engine_ids) -> set[int]:
+    """Resident adapters as the front end names them (a version's engine id -> the user id it serves)."""
+    versions = getattr(engine, "_tenfold_versions", None)
+    if versions is None:
+        return set(engine_ids)
+    return {user if (user := versions.user_of(i)) is not None else i for i in engine_ids}
+
+
+def _patch_resolution_race(not_found) -> None:
+    """vLLM checks a request's model name, then awaits, then looks the adapter up again: an unload in between
+    answered 404 for a name the adapter root still resolves. Resolve it again from the root instead (registered
+    under a new id, loaded on first use like any resolved name)."""
+    from vllm.entrypoints.serve.engine.serving import BaseServing
+    from vllm.lora.request import LoRARequest
+
+    from .resolver import InvalidAdapterName, adapter_path, root_from_env
+
+    original = BaseServing._maybe_get_adapters
+
+    def _maybe_get_adapters(self, request, supports_default_mm_loras: bool = False):
+        try:
+            return original(self, request, supports_default_mm_loras)
+        except not_found:
+            root = root_from_env()
+            if root is None or not request.model:
+                raise
+            try:
+                path = adapter_path(root, request.model)
+            except InvalidAdapterName:
+                raise not_found(f"The model `{request.model}` does not exist.") from None
+            if not path.is_dir():
+                raise
+            models = self.models
+            lora = models.lora_requests.get(request.model)  # registered meanwhile by a concurrent resolution
+            if lora is None:
+                lora = LoRARequest(request.model, models.lora_id_counter.inc(1), str(path))
+                models.lora_requests[request.model] = lora
+            return lora
+
+    BaseServing._maybe_get_adapters = _maybe_get_adapters
 
 
 # --- 3: CPU LoRA ops -----------------------------------------------------------------------------------------------
@@ -451,7 +646,8 @@ def instrument_engine_client(engine_client, on_request, on_load, on_unload) -> N
     generate, add_lora, remove_lora = engine_client.generate, engine_client.add_lora, engine_client.remove_lora
 
     async def instrumented_generate(prompt, sampling_params, request_id, *args, lora_request=None, **kwargs):
-        tracker = on_request(lora_request, sampling_params)
+        # labelling reads the adapter (its family) the first time: off the event loop, like admission
+        tracker = await asyncio.to_thread(on_request, lora_request, sampling_params)
         try:
             async for output in generate(prompt, sampling_params, request_id, *args, lora_request=lora_request,
                                          **kwargs):
@@ -466,7 +662,7 @@ def instrument_engine_client(engine_client, on_request, on_load, on_unload) -> N
             tracker.done()
 
     async def instrumented_add_lora(lora_request):
-        tracker = on_load(lora_request)
+        tracker = await asyncio.to_thread(on_load, lora_request)
         try:
             loaded = await add_lora(lora_request)
         except BaseException:

@@ -29,6 +29,8 @@ UNLOADS = Counter("tenfold_adapter_unloads", "Adapters removed from the engine")
 EVICTIONS = Counter("tenfold_adapter_evictions", "Adapters that left the workers' cache without an unload")
 LOAD_LATENCY = Histogram("tenfold_adapter_load_seconds", "Adapter load latency", ["family"], buckets=LATENCY_BUCKETS)
 RESIDENT = Gauge("tenfold_resident_adapters", "Adapters per tier (registered names; workers' cache)", ["tier"])
+VERSIONS = Gauge("tenfold_adapter_versions", "Adapter versions the engine holds: each loaded adapter's current one, "
+                 "plus retired ones (unloaded or rewritten) that requests in flight still use")
 RESIDENT_BYTES = Gauge("tenfold_resident_adapter_bytes", "Bytes of adapter weights per tier", ["tier"])
 
 
@@ -100,7 +102,10 @@ class ResidencyTracker:
     async def refresh(self) -> None:
         from ..engine.loader import adapter_facts
 
-        resident = set(await self.admin.state.engine_client.list_loras())
+        engine_client = self.admin.state.engine_client
+        resident = set(await engine_client.list_loras())
+        versions = getattr(engine_client, "_tenfold_versions", None)
+        VERSIONS.set(versions.live_versions() if versions is not None else 0)
         EVICTIONS.inc(len(self.previous - resident - self.unloaded))
         self.previous, self.unloaded = resident, set()
         registered = list(self.admin.models.lora_requests.values())

@@ -1,0 +1,173 @@
+"""The version table behind safe unload/reload/rewrite (tenfold/engine/versions.py), without an engine: admission
+pins a version in an immutable snapshot, a rewrite makes a new version, retired versions are freed exactly when
+their last request ends, concurrent first admissions snapshot once."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+pytest.importorskip("vllm", reason="admission builds vLLM LoRARequests")
+
+from vllm.lora.request import LoRARequest  # noqa: E402
+
+from adapter_cases import make  # noqa: E402
+from tenfold.adapters import AdapterError, load_adapter, save_adapter  # noqa: E402
+from tenfold.engine.versions import ENGINE_ID_BASE, AdapterVersions  # noqa: E402
+
+
+@pytest.fixture
+def table(specs):
+    freed, validated = [], []
+
+    def validate(path):
+        validated.append(path)
+        load_adapter(path, specs["mha"]).validate(specs["mha"])
+
+    versions = AdapterVersions(validate, freed.extend)
+    yield versions, freed, validated
+    versions.close()
+
+
+def request(path, user_id=7, name="a"):
+    return LoRARequest(name, user_id, str(path))
+
+
+def test_admission_pins_a_snapshot_that_survives_rewrite_and_deletion(table, specs, tmp_path):
+    versions, freed, _ = table
+    old, new = make("lora", specs["mha"], seed=1), make("lora", specs["mha"], seed=2)
+    save_adapter(old, tmp_path / "a")
+    first = versions.admit(request(tmp_path / "a"))
+    assert first.lora_int_id >= ENGINE_ID_BASE and first.lora_name == "a"
+    assert first.lora_path != str(tmp_path / "a")
+    import shutil
+
+    shutil.rmtree(tmp_path / "a")
+    save_adapter(new, tmp_path / "a")
+    second = versions.admit(request(tmp_path / "a"))
+    assert second.lora_int_id != first.lora_int_id, "a rewrite is a new version"
+    # each snapshot holds exactly the weights it was admitted with
+    for bound, adapter in ((first, old), (second, new)):
+        served = load_adapter(bound.lora_path, specs["mha"])
+        for key in adapter.targets:
+            a, b = adapter.lora_factors(key)
+            sa, sb = served.lora_factors(key)
+            assert (a == sa).all() and (b == sb).all()
+    assert freed == [], "the old version still has its admission reserved"
+    versions.release(first.lora_int_id)
+    assert [v.engine_id for v in freed] == [first.lora_int_id], "retired by the rewrite, freed when idle"
+    shutil.rmtree(tmp_path / "a")
+    assert load_adapter(second.lora_path, specs["mha"]) is not None, "the user's files are gone, the snapshot is not"
+
+
+def test_unload_frees_each_version_when_its_last_request_ends(table, specs, tmp_path):
+    versions, freed, _ = table
+    save_adapter(make("miss", specs["mha"], seed=3), tmp_path / "a")
+    bound = versions.admit(request(tmp_path / "a"), reserve=False)
+    versions.started("r1", bound.lora_int_id)
+    versions.started("r2", bound.lora_int_id)
+    had, free_now = versions.retire_user(7)
+    assert had and free_now == [], "two requests still run on it"
+    late = versions.admit(request(tmp_path / "a"))  # resolved before the unload, admitted after it
+    assert late.lora_int_id == bound.lora_int_id, "same version: served, not reloaded"
+    versions.ended("r1")
+    versions.release(late.lora_int_id)
+    assert freed == []
+    versions.ended("r2")
+    assert [v.engine_id for v in freed] == [bound.lora_int_id]
+    versions.ended("r2")  # a second report of the same end changes nothing
+    assert len(freed) == 1
+    snapshot = freed[0].snapshot
+    versions.discard(freed[0])
+    assert not snapshot.exists() and versions.live_versions() == 0
+
+
+def test_idle_version_is_freed_at_once_and_reload_binds_anew(table, specs, tmp_path):
+    versions, freed, _ = table
+    save_adapter(make("lorta_qv", specs["mha"], seed=4), tmp_path / "a")
+    bound = versions.admit(request(tmp_path / "a"), reserve=False)  # a load (preload): nobody uses it yet
+    _, free_now = versions.retire_user(7)
+    assert [v.engine_id for v in free_now] == [bound.lora_int_id]
+    versions.discard(free_now[0])
+    reloaded = versions.admit(request(tmp_path / "a", user_id=8), reserve=False)
+    assert reloaded.lora_int_id != bound.lora_int_id and versions.user_of(reloaded.lora_int_id) == 8
+
+
+def test_concurrent_first_requests_snapshot_once(table, specs, tmp_path):
+    versions, _, validated = table
+    save_adapter(make("bat", specs["mha"], seed=5), tmp_path / "a")
+    results, barrier = [], threading.Barrier(8)
+
+    def admit():
+        barrier.wait()
+        results.append(versions.admit(request(tmp_path / "a")).lora_int_id)
+
+    threads = [threading.Thread(target=admit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and len(validated) == 1 and versions.live_versions() == 1
+
+
+def test_bad_adapters_are_refused_naming_the_users_directory(table, specs, tmp_path):
+    versions, _, _ = table
+    save_adapter(make("lora", specs["mha"], seed=6), tmp_path / "bad")
+    tensors = tmp_path / "bad" / "adapter_model.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:64])
+    with pytest.raises(AdapterError) as info:
+        versions.admit(request(tmp_path / "bad"))
+    assert str(tmp_path / "bad") in str(info.value) and str(versions.root) not in str(info.value)
+    with pytest.raises(FileNotFoundError):
+        versions.admit(request(tmp_path / "absent"))
+    assert versions.live_versions() == 0 and not [p for p in versions.root.iterdir()], "nothing left behind"
+
+
+def test_admission_reads_and_validates_off_the_event_loop(specs, tmp_path):
+    """A slow adapter read/validation (here 1.5 s) must not stall the API process's event loop: other streams keep
+    flowing while it runs. Drives the patched AsyncLLM.add_request with an engine stand-in whose validation is slow
+    and finally refuses the adapter, so the original add_request is never reached."""
+    import asyncio
+    import time
+
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from tenfold.engine import vllm_compat
+
+    vllm_compat.apply()
+    save_adapter(make("lora", specs["mha"], seed=9), tmp_path / "slow")
+
+    def slow_refusal(path):
+        time.sleep(1.5)
+        raise AdapterError(f"{path}: refused after a slow read")
+
+    class Stand:
+        input_processor = type("P", (), {"_tenfold_check_path": staticmethod(slow_refusal)})()
+        output_processor = type("O", (), {})()
+
+    engine = AsyncLLM.__new__(AsyncLLM)
+    engine.__dict__.update(input_processor=Stand.input_processor, output_processor=Stand.output_processor)
+
+    async def scenario():
+        gaps, stop = [], asyncio.Event()
+
+        async def ticker():
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        with pytest.raises(VLLMValidationError, match="refused after a slow read"):
+            await engine.add_request("r", "prompt", None, lora_request=LoRARequest("slow", 3, str(tmp_path / "slow")))
+        stop.set()
+        await tick
+        return gaps
+
+    gaps = asyncio.run(scenario())
+    assert sum(gaps) > 1.4 and max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.2f} s"
+    engine._tenfold_versions.close()
