@@ -5,6 +5,7 @@ their last request ends, concurrent first admissions snapshot once."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -38,9 +39,12 @@ def test_admission_pins_a_snapshot_that_survives_rewrite_and_deletion(table, spe
     versions, freed, _ = table
     old, new = make("lora", specs["mha"], seed=1), make("lora", specs["mha"], seed=2)
     save_adapter(old, tmp_path / "a")
+    (tmp_path / "a" / "optimizer.pt").write_bytes(b"\0" * 4096)  # training leftovers are not copied
     first = versions.admit(request(tmp_path / "a"))
     assert first.lora_int_id >= ENGINE_ID_BASE and first.lora_name == "a"
     assert first.lora_path != str(tmp_path / "a")
+    assert sorted(p.name for p in Path(first.lora_path).iterdir()) == ["adapter_config.json",
+                                                                        "adapter_model.safetensors"]
     import shutil
 
     shutil.rmtree(tmp_path / "a")

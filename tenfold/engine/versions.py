@@ -27,6 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..adapters.checkpoint import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, max_adapter_bytes
+
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
 ENGINE_ID_BASE = 1 << 30  # vLLM's own counter starts at 1: engine ids never collide with user ids
 SNAPSHOT_ATTEMPTS = 20  # a copy taken while the files were being rewritten is retried
 SNAPSHOT_RETRY_SECONDS = 0.05
@@ -77,6 +80,9 @@ class AdapterVersions:
         if version is not None:
             return _bound(msgspec, lora_request, version)
         with self._user_lock(user_id):  # one snapshot per new version, however many requests arrive at once
+            version = self._reuse(user_id, fingerprint(source), reserve)
+            if version is not None:  # bound by the admission this one waited for
+                return _bound(msgspec, lora_request, version)
             engine_id = next(self._engine_ids)
             snapshot, version_now = self._snapshot(source, engine_id)
             version = self._reuse(user_id, version_now, reserve)
@@ -117,12 +123,18 @@ class AdapterVersions:
             before = fingerprint(source)
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
             try:
-                for item in source.iterdir():
+                for name in ADAPTER_FILES:  # what the readers read: not logs or optimizer states beside them
+                    item = source / name
                     if item.is_file():
-                        shutil.copy2(item, staging / item.name)
+                        if item.stat().st_size > max_adapter_bytes():
+                            self._validate(source)  # refuses it (size limit) without copying it first
+                        shutil.copy2(item, staging / name)
                 unchanged = fingerprint(source) == before
             except FileNotFoundError:  # a file replaced during the copy
                 unchanged = False
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
             if not unchanged:
                 shutil.rmtree(staging, ignore_errors=True)
                 time.sleep(SNAPSHOT_RETRY_SECONDS)
