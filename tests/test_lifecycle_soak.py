@@ -28,8 +28,8 @@ from vllm_reference import greedy_reference, random_prompts  # noqa: E402
 
 SOAK_SECONDS = 30  # at least this long, and until MIN_CHURN_OPS churn operations and MIN_REQUESTS requests ran,
 MIN_CHURN_OPS = 40  # but never longer than MAX_SOAK_SECONDS
-MIN_REQUESTS = 100
-MAX_SOAK_SECONDS = 180
+MIN_REQUESTS = 60
+MAX_SOAK_SECONDS = 240
 CLIENTS = 8
 NEW_TOKENS = 10
 VERSIONS = 2  # rewrites alternate between two seeds per adapter
@@ -282,12 +282,14 @@ def _soak(server, grpc_target, root, names, prompts, refs, spec, seeds):
     for name in [*names, "filler0", "filler1", "filler2"]:
         warm.delete(f"{url}/v1/adapters/{name}")
     time.sleep(1)
+    registered_left = [a["name"] for a in warm.get(f"{url}/v1/adapters").json()["adapters"]]
     versions_left = scrape_value(url, "tenfold_adapter_versions")
     workers = httpx.get(f"{url}/metrics", timeout=30).text
     rss_after = rss_of_tree(server["process"].pid)
     warm.close()
     return {"failures": failures, "wrong": wrong, "unexpected": unexpected, "counts": counts, "wall": wall,
-            "alive": server["process"].poll() is None, "versions_left": versions_left, "metrics": workers,
+            "alive": server["process"].poll() is None, "versions_left": versions_left,
+            "registered_left": registered_left, "metrics": workers,
             "rss_before": rss_before, "rss_after": rss_after}
 
 
@@ -307,6 +309,7 @@ def test_soak_unload_reload_rewrite_evict_under_traffic(soak_env, mode):
     assert not result["wrong"], (summary, result["wrong"][:5])
     assert not result["unexpected"], (summary, result["unexpected"][:10])
     assert counts["requests"] >= MIN_REQUESTS and counts["churn"] >= MIN_CHURN_OPS, summary
+    assert result["registered_left"] == [], summary
     assert result["versions_left"] == 0, summary  # every version freed once its name was unloaded
     assert 'tenfold_resident_adapters{tier="worker_cache"} 0.0' in result["metrics"], summary
     assert result["rss_after"] < result["rss_before"] * 1.1 + 100 * 2**20, summary

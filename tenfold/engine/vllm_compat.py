@@ -250,6 +250,34 @@ def _patch_unload_endpoint() -> None:
         return result
 
     OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
+    original_init = OpenAIServingModels.__init__
+
+    def __init__(self, engine_client, *args, **kwargs):
+        original_init(self, engine_client, *args, **kwargs)
+        self.lora_requests = _NameRegistry(engine_client, self.lora_requests)
+
+    OpenAIServingModels.__init__ = __init__
+
+
+class _NameRegistry(dict):
+    """vLLM's name -> LoRARequest map. A name registered again under another id (a load or resolution that raced
+    another one) leaves the engine the old id, which nothing would ever unload: retire it (the engine frees it once
+    its requests in flight end)."""
+
+    def __init__(self, engine_client, initial):
+        super().__init__(initial)
+        self._engine_client = engine_client
+        self._tasks = set()
+
+    def __setitem__(self, name, lora_request):
+        import asyncio
+
+        previous = self.get(name)
+        super().__setitem__(name, lora_request)
+        if previous is not None and previous.lora_int_id != lora_request.lora_int_id:
+            task = asyncio.get_running_loop().create_task(self._engine_client.remove_lora(previous.lora_int_id))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 # --- 9: adapter lifecycle under traffic -----------------------------------------------------------------------------
