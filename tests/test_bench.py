@@ -53,6 +53,17 @@ def test_cli_refuses_bad_workloads_before_starting_anything():
         assert done.returncode == 2 and message in done.stderr, (argv, done.stderr[-400:])
 
 
+def test_bench_model_names_a_directory_a_known_model_or_random(tmp_path, tiny_model_dirs):
+    from tenfold.bench.workload import DEFAULT_MODEL, model_dtype, resolve_model
+    from tenfold.model_zoo import KNOWN_MODELS
+
+    assert DEFAULT_MODEL in KNOWN_MODELS
+    assert resolve_model(str(tiny_model_dirs["gqa"]), tmp_path) == tiny_model_dirs["gqa"]
+    assert model_dtype(tiny_model_dirs["gqa"]) == "float32"  # --dtype auto: the dtype the model is saved in
+    with pytest.raises(SystemExit, match="not a model directory .* known model name .*smollm2, random"):
+        resolve_model("no-such-model", tmp_path)
+
+
 def run_bench(tmp_path, model_dir, *argv) -> dict:
     out = tmp_path / "out"
     env = {**os.environ, **CPU_ENV}
@@ -83,6 +94,11 @@ def test_offline_bench_runs_every_mode_side_by_side_and_writes_results_and_plots
     assert labels == ["base", "native:lorta@2", "convert:lorta@2", "vllm-lora:lorta@2", "native:bat@2"]
     base = results["results"][0]
     assert len(base["tok_s"]) == 2, "a base run opens each family's group (lorta, bat)"
+    # the base run is the model as a user serves it without adapters: compiled (vLLM's CPU platform compiles with
+    # inductor unless LoRA is on)
+    assert base["enforce_eager"] is False and all(r["enforce_eager"] for r in results["results"][1:])
+    base_log = (tmp_path / "out" / "logs" / "base.log").read_text()
+    assert "enforce_eager=False" in base_log and "'backend': 'inductor'" in base_log, base_log[-3000:]
     for row in results["results"]:
         check_row(row, 4, 0 if row["mode"] == "base" else 2, runs=2 if row["mode"] == "base" else 1)
         if row["mode"] != "base":  # against its own group's base run (repeats=1: that run's one measurement)

@@ -48,6 +48,7 @@ def merge_rounds(results: list[dict]) -> dict:
     merged.update(output_tokens=results[0]["output_tokens"], resident_adapters=results[-1]["resident_adapters"],
                   peak_rss_bytes=max(r["peak_rss_bytes"] for r in results),
                   engine_start_s=[r["engine_start_s"] for r in results],
+                  enforce_eager=results[0].get("enforce_eager"),
                   load_avg_1min_before=[r["load_avg_1min_before"] for r in results])
     return merged
 

@@ -23,8 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import report
-from .workload import (CPU_ENV, Lengths, Popularity, adapter_dir_entries, adapter_info, build_model, distinct_used,
-                       machine_info, make_requests, synth_adapters, user_adapters, vllm_lora_rank)
+from .workload import (CPU_ENV, DEFAULT_MODEL, RANDOM_MODEL, Lengths, Popularity, adapter_dir_entries, adapter_info,
+                       distinct_used, machine_info, make_requests, model_dtype, resolve_model, synth_adapters,
+                       user_adapters, vllm_lora_rank)
 
 MODES = ("base", "native", "convert", "vllm-lora")
 RUN_TIMEOUT_S = 3600
@@ -106,7 +107,9 @@ def main(args) -> int:
     log_dir = args.out / "logs"
     log_dir.mkdir(exist_ok=True)
 
-    model_dir = Path(args.model) if args.model else build_model(args.cache_dir)
+    model_dir = resolve_model(args.model, args.cache_dir)
+    if args.dtype == "auto":
+        args.dtype = model_dtype(model_dir)
     vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
     if args.adapter_dir is not None:  # the user's adapters instead of synthetic ones
         families = [DIR_PREFIX + args.adapter_dir.name]
@@ -245,8 +248,10 @@ def add_arguments(parser) -> None:
                         help="serve your own adapters: every sub-directory of DIR (any tenfold format, families may "
                              "mix), the first N by name for each --adapters N; --families is then ignored "
                              "(default: synthetic adapters, random non-zero factors, of --families)")
-    parser.add_argument("--model", help="base model directory (default: the benchmark model, hidden 512, 8 layers, "
-                                        "random weights, built into --cache-dir)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a HuggingFace model directory; or a model name tenfold fetches once (`tenfold model "
+                             f"list`; default: {DEFAULT_MODEL}, SmolLM2-135M-Instruct, bf16); or {RANDOM_MODEL} (a "
+                             f"random-weight model, hidden 512, 8 layers, fp32, built into --cache-dir)")
     parser.add_argument("--families", type=_argument(families), default=["lorta"],
                         help="comma list (default: lorta)")
     parser.add_argument("--adapters", type=_argument(counts), default=[32],
@@ -267,13 +272,14 @@ def add_arguments(parser) -> None:
                         help="run the whole plan this many times, interleaving the modes (each round a fresh engine "
                              "per mode); summaries pool the repeats of every round")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="served dtype; adapters are stored in it too (default float32: CPUs without "
-                             "AVX-512 emulate bf16 GEMMs)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="served dtype; adapters are stored in it too (default auto: the dtype the model is "
+                             "saved in, the one users serve it in; note that CPUs without AVX-512 emulate bf16 GEMMs)")
     parser.add_argument("--max-loras", type=int, help="adapter slots (default: distinct adapters per batch)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--load-sample", type=int, default=32, help="adapters whose hot-load latency is timed")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="results.json, plots and logs")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tenfold/bench").expanduser(),
-                        help="the benchmark model and synthetic adapters, reused across runs")
+                        help="the random benchmark model and synthetic adapters, reused across runs (fetched models "
+                             "live in `tenfold model fetch`'s cache)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (they need matplotlib)")

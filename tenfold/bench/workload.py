@@ -44,6 +44,35 @@ def build_model(cache_dir: Path, config: dict | None = None) -> Path:
     return build_tiny_llama(cache_dir / name, REPO_DATA / "demo_corpus.txt", TinyLlamaConfig(**config))
 
 
+RANDOM_MODEL = "random"  # --model random: the random-weight benchmark model above (the earlier fp32 tables)
+DEFAULT_MODEL = "smollm2"  # a real pretrained model, fetched once by `tenfold model fetch`
+
+
+def resolve_model(name_or_dir: str, cache_dir: Path) -> Path:
+    """--model: a HuggingFace model directory, a model tenfold fetches by name (`tenfold model list`), or `random`."""
+    from ..model_zoo import KNOWN_MODELS, ModelFetchError, fetch
+
+    path = Path(name_or_dir).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    if name_or_dir == RANDOM_MODEL:
+        return build_model(cache_dir)
+    if name_or_dir in KNOWN_MODELS:
+        try:
+            return fetch(name_or_dir)
+        except ModelFetchError as e:
+            raise SystemExit(f"tenfold bench: --model {name_or_dir}: {e}") from None
+    raise SystemExit(f"tenfold bench: --model {name_or_dir}: not a model directory (no config.json) and not a known "
+                     f"model name ({', '.join([*KNOWN_MODELS, RANDOM_MODEL])})")
+
+
+def model_dtype(model_dir: Path) -> str:
+    """The dtype a model is saved in (config.json), the one its users serve it in: what --dtype auto means."""
+    config = json.loads((model_dir / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(dtype).removeprefix("torch.")
+
+
 def synth_adapters(family: str, count: int, model_dir: Path, cache_dir: Path, dtype: str, lora_form: bool = False,
                    progress: bool = False) -> list[Path]:
     """`count` random adapters (non-zero factors, distinct seeds) of `family` in tenfold's format, or their exact
