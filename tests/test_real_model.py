@@ -235,3 +235,19 @@ def test_fetch_is_idempotent_and_leaves_a_plain_bf16_model(smollm2_dir):
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 30
     assert (smollm2_dir / "tokenizer.json").is_file() and (smollm2_dir / "chat_template.jinja").is_file()
+
+
+def test_cli_model_fetch_prints_the_directory_and_list_shows_it_fetched(smollm2_dir):
+    import subprocess
+    import sys
+
+    cache = ["--cache-dir", str(CACHE / "models")]
+    fetched = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "model", "fetch", "smollm2", "--quiet",
+                              *cache], capture_output=True, text=True, timeout=300)
+    assert fetched.returncode == 0 and fetched.stdout.strip() == str(smollm2_dir), fetched.stderr[-2000:]
+    listed = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "model", "list", *cache],
+                            capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0 and f"fetched: {smollm2_dir}" in listed.stdout, listed.stdout + listed.stderr
+    unknown = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "model", "fetch", "llama-70b", *cache],
+                             capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "unknown model 'llama-70b': tenfold can fetch smollm2" in unknown.stderr
