@@ -173,14 +173,15 @@ def adapter_facts(path, spec: ModelSpec, *, tensor_parallel_size: int = 1,
                                            for rank in range(1, tensor_parallel_size))
         return AdapterFacts(a.family, a.rank, a.num_params(), a.nbytes(), entries * element, name,
                             tensor_parallel_size)
-    c = convert_for_vllm(path, spec)
+    c = check_for_convert(path, spec)
     # vLLM (fully_sharded_loras off, its default) keeps lora_A whole on every rank of a column-parallel layer and
-    # shards lora_B; a row-parallel layer (o_proj, down_proj) the other way round
+    # shards lora_B; a row-parallel layer (o_proj, down_proj) the other way round. Every module is served at the
+    # adapter's largest rank (lower ranks zero-padded).
     entries = 0
-    for key, t in c.tensors.items():
-        row_parallel = ".o_proj." in key or ".down_proj." in key
-        replicated = (".lora_B." in key) if row_parallel else (".lora_A." in key)
-        entries += t.numel() * (tensor_parallel_size if replicated else 1)
+    for module, fan_in, fan_out in c.shapes:
+        a, b = c.rank * fan_in, fan_out * c.rank
+        replicated_a = module not in ("o_proj", "down_proj")
+        entries += a * (tensor_parallel_size if replicated_a else 1) + b * (1 if replicated_a else tensor_parallel_size)
     return AdapterFacts(c.family, c.rank, c.params, c.nbytes, entries * element, name, tensor_parallel_size)
 
 
@@ -197,6 +198,9 @@ class ConvertCheck:
     family: str
     rank: int  # of the exact LoRA form, as the worker will serve it
     fingerprint: str
+    params: int  # the adapter's own parameters
+    nbytes: int  # bytes of its own factors
+    shapes: tuple[tuple[str, int, int], ...]  # (module, in, out) of every module the LoRA form adapts
 
 
 def check_for_convert(path, spec: ModelSpec, max_rank: int | None = None) -> ConvertCheck:
@@ -210,9 +214,13 @@ def check_for_convert(path, spec: ModelSpec, max_rank: int | None = None) -> Con
 
 def _check_convert(directory: Path, version: str, spec: ModelSpec) -> ConvertCheck:
     adapter = _exact_lora_adapter(directory, spec)
+    rank, shapes = 0, []
     with torch.no_grad():  # one module's factors at a time: nothing dense is kept
-        rank = max(adapter.lora_factors(key)[0].shape[0] for key in adapter.targets)
-    return ConvertCheck(adapter.family, rank, version)
+        for key in adapter.targets:
+            a, b = adapter.lora_factors(key)
+            rank = max(rank, a.shape[0])
+            shapes.append((key[1], a.shape[1], b.shape[0]))
+    return ConvertCheck(adapter.family, rank, version, adapter.num_params(), adapter.nbytes(), tuple(shapes))
 
 
 def _exact_lora_adapter(directory: Path, spec: ModelSpec) -> Adapter:

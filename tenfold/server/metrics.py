@@ -109,10 +109,11 @@ class ResidencyTracker:
         EVICTIONS.inc(len(self.previous - resident - self.unloaded))
         self.previous, self.unloaded = resident, set()
         registered = list(self.admin.models.lora_requests.values())
+        tensor_parallel_size = self.admin.state.vllm_config.parallel_config.tensor_parallel_size
         sizes = {}
         for lora in registered:
             try:
-                facts = adapter_facts(lora.lora_path, self.spec)
+                facts = adapter_facts(lora.lora_path, self.spec, tensor_parallel_size=tensor_parallel_size)
             except Exception:
                 continue
             sizes[lora.lora_int_id] = (facts.nbytes, facts.worker_bytes)
