@@ -75,19 +75,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args, passthrough) -> int:
-    from ..demo import ADAPTERS, examples, prepare
-    from .serve import run
+    from ..demo import run
 
-    base, adapters = prepare(args.workdir)
-    if args.prepare_only:
-        print(f"demo model in {base}; adapters in {base.parent / 'adapters'}")
-        return 0
-    print(examples(args.host, args.port, args.grpc_port), flush=True)
-    serve_args = build_parser().parse_args(
-        ["serve", str(base), "--adapter-root", str(base.parent / "adapters"), "--host", args.host, "--port",
-         str(args.port), "--grpc-port", str(args.grpc_port),
-         *[f"--adapter={a.name}={adapters[a.name]}" for a in ADAPTERS]])
-    return run(serve_args, ["--served-model-name", "base", "--max-model-len", "512", *passthrough])
+    return run(args, passthrough)
 
 
 def cmd_model_fetch(args) -> int:
@@ -161,13 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--cache-dir", type=Path, help=cache_help)
     listing.set_defaults(run=cmd_model_list)
 
-    demo = commands.add_parser("demo", help="offline demo: build a tiny model, train three adapters, serve them",
-                               description="Arguments not listed here are passed to vLLM's engine and server.")
-    demo.add_argument("--workdir", type=Path, default=Path(".tenfold-demo"), help="cache for the model and adapters")
+    demo = commands.add_parser("demo", help="fetch SmolLM2-135M-Instruct, train three adapters, serve them, show "
+                                             "their answers", description="Arguments not listed here are passed to "
+                                                                          "vLLM's engine and server.")
+    demo.add_argument("--workdir", type=Path, default=Path(".tenfold-demo"),
+                      help="cache for the trained adapters and the engine's log (serve.log)")
+    demo.add_argument("--base", type=Path, help="base model directory to use instead of fetching SmolLM2-135M-Instruct "
+                                                "(needs a chat template)")
+    demo.add_argument("--steps", type=int, help="training steps per adapter instead of each adapter's default "
+                                                "(fewer: a quick run, weaker adapters)")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--grpc-port", type=int, default=50051)
-    demo.add_argument("--prepare-only", action="store_true", help="build and train, do not serve")
+    demo.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: no gRPC server)")
+    demo.add_argument("--show-log", action="store_true", help="show the engine's log here, not in WORKDIR/serve.log")
+    demo.add_argument("--prepare-only", action="store_true", help="fetch and train, do not serve")
+    demo.add_argument("--once", action="store_true", help="print the answers and examples, then stop the server")
     demo.set_defaults(run=cmd_demo, passthrough=True)
     return parser
 
