@@ -31,6 +31,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 SERVE_DTYPE = "bfloat16"  # what `tenfold serve` runs the demo in; the adapters are saved in it too
 MAX_TOKENS = 48  # enough for every rendering of the demo's answers
 STARTUP_TIMEOUT = 900  # seconds: vLLM's start on a busy 2-core machine
+ANSWER_TIMEOUT = 900  # seconds per answer: measured 0.1-0.3 tokens/s on this 2-core machine under a load of ~12
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def _train(base_dir: Path, todo, adapter_dirs, steps, progress, log) -> None:
             f"({SERVE_DTYPE}) to {out}")
 
 
-def chat(url: str, model: str, question: str, max_tokens: int = MAX_TOKENS, timeout: float = 300) -> str:
+def chat(url: str, model: str, question: str, max_tokens: int = MAX_TOKENS, timeout: float = ANSWER_TIMEOUT) -> str:
     """One greedy chat completion through the OpenAI-compatible HTTP API."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
                        "max_tokens": max_tokens}).encode()
@@ -157,6 +158,9 @@ def chat(url: str, model: str, question: str, max_tokens: int = MAX_TOKENS, time
             return json.load(response)["choices"][0]["message"]["content"].strip()
     except urllib.error.HTTPError as e:
         raise DemoError(f"chat completion for {model!r} failed: HTTP {e.code}: {e.read().decode()[:500]}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        raise DemoError(f"no chat answer for {model!r} within {timeout:.0f} s ({e}); generation on a CPU that other "
+                        f"processes keep busy can be this slow: see the engine log") from None
 
 
 def answers_table(answers: dict[str, str]) -> str:
