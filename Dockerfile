@@ -20,8 +20,8 @@ WORKDIR /opt/tenfold
 COPY pyproject.toml README.md ./
 COPY scripts ./scripts
 COPY tenfold ./tenfold
-# the same install script CI runs (scripts/setup.sh), with the runtime extra only
-RUN bash scripts/setup.sh /opt/venv cpu && chown -R tenfold /opt/tenfold
+# the same install script CI runs (scripts/setup.sh), with the runtime extras only (model: the demo's model fetch)
+RUN bash scripts/setup.sh /opt/venv cpu,model && chown -R tenfold /opt/tenfold
 
 USER 1000
 EXPOSE 8000 50051

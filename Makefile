@@ -1,4 +1,4 @@
-# The README's two commands: `make demo` (set-up + the demo server on an embedded tiny model) and `make test`
+# The README's two commands: `make demo` (set-up + the demo: SmolLM2-135M-Instruct with three trained adapters) and `make test`
 # (set-up + the test suite).
 VENV ?= .venv
 CPU_ENV = VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind HF_HUB_OFFLINE=1

@@ -23,7 +23,7 @@ def test_dockerfile_lints_clean(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("dockerfile, extra", [("Dockerfile", "cpu"), ("Dockerfile.cuda", "gpu")])
+@pytest.mark.parametrize("dockerfile, extra", [("Dockerfile", "cpu,model"), ("Dockerfile.cuda", "gpu,model")])
 def test_dockerfile_installs_with_the_ci_script(dockerfile, extra):
     text = (REPO / dockerfile).read_text()
     assert f"RUN bash scripts/setup.sh /opt/venv {extra}" in text
