@@ -26,3 +26,15 @@ CASES = {
 def make(case: str, spec, seed: int = 0, **overrides):
     family, kwargs = CASES[case]
     return FAMILIES[family].create(spec, **{**kwargs, **overrides}, seed=seed)
+
+
+def randomize_peft(peft_model, names, scale: float, seed: int) -> None:
+    """PEFT initialises most adapters as a no-op (B = 0, miss_block = 0): fresh random non-zero factors instead, in
+    the parameters whose names contain one of `names`."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if any(n in name for n in names):
+                p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import official_layouts as layouts
-from adapter_cases import make
+from adapter_cases import make, randomize_peft
 from tenfold.adapters import AdapterFormatError, attach, load_adapter, save_adapter
 from tenfold.adapters.attach import find_linears
 
@@ -120,14 +120,6 @@ def test_loretta_adp_official_layout_against_hook_reference(learned, model_name,
         assert (ours - model(ids).logits).abs().max() > 0.01, "the adapter must change the logits"
 
 
-def _randomize(peft_model, names, scale, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if any(n in name for n in names):
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
 @pytest.mark.parametrize("init", [True, "mini", "bat"])
 def test_adapters_saved_by_peft_miss(init, model_name, tiny_model_dirs, hf_models, specs, tmp_path):
     """Our forward == PEFT's own forward, for MiSS adapters created and saved by PEFT."""
@@ -138,7 +130,7 @@ def test_adapters_saved_by_peft_miss(init, model_name, tiny_model_dirs, hf_model
     config = MissConfig(r=16, init_weights=init, mini_r=32 if init == "mini" else 1,
                         target_modules=["q_proj", "v_proj", "down_proj", "up_proj"])
     peft_model = get_peft_model(fresh, config).eval()
-    _randomize(peft_model, ["miss_block"], scale=0.02, seed=86)
+    randomize_peft(peft_model, ["miss_block"], scale=0.02, seed=86)
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))
     with torch.no_grad():
         theirs = peft_model(ids).logits
@@ -159,7 +151,7 @@ def test_adapter_saved_by_peft_lora_with_patterns(model_name, tiny_model_dirs, h
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"],
                         rank_pattern={"gate_proj": 4}, alpha_pattern={"v_proj": 4}, use_rslora=False)
     peft_model = get_peft_model(fresh, config).eval()
-    _randomize(peft_model, ["lora_A", "lora_B"], scale=0.05, seed=87)
+    randomize_peft(peft_model, ["lora_A", "lora_B"], scale=0.05, seed=87)
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))
     with torch.no_grad():
         theirs = peft_model(ids).logits
@@ -189,7 +181,7 @@ def _peft_lora_logits(model_dir, config, seed):
 
     fresh = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     peft_model = get_peft_model(fresh, config).eval()
-    _randomize(peft_model, ["lora_A", "lora_B"], scale=0.05, seed=seed)
+    randomize_peft(peft_model, ["lora_A", "lora_B"], scale=0.05, seed=seed)
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))
     with torch.no_grad():
         return peft_model, peft_model(ids).logits
@@ -349,7 +341,7 @@ def test_peft_miss_settings_match_peft(settings, tiny_model_dirs, hf_models, spe
     fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["gqa"], dtype=torch.float32).eval()
     peft_model = get_peft_model(fresh, MissConfig(r=16, target_modules=["q_proj", "o_proj", "up_proj"],
                                                   **settings)).eval()
-    _randomize(peft_model, ["miss_block"], scale=0.02, seed=105)
+    randomize_peft(peft_model, ["miss_block"], scale=0.02, seed=105)
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(81))
     with torch.no_grad():
         theirs = peft_model(ids).logits

@@ -16,6 +16,7 @@ import zipfile
 import pytest
 import torch
 
+from adapter_cases import randomize_peft
 from conftest import CACHE
 
 NEW_TOKENS = 16
@@ -75,21 +76,12 @@ def fp32_model(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def randomize(peft_model, names, scale, seed):
-    """PEFT initialises these adapters as a no-op (B = 0, miss_block = 0): fresh random non-zero factors instead."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if any(n in name for n in names):
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
 def peft_adapter(model_dir, config, names, scale, seed, out, prompts):
     """A PEFT adapter with random factors, saved by PEFT, and PEFT's own greedy tokens for `prompts`."""
     from peft import get_peft_model
 
     peft_model = get_peft_model(fp32_model(model_dir), config).eval()
-    randomize(peft_model, names, scale, seed)
+    randomize_peft(peft_model, names, scale, seed)
     peft_model.save_pretrained(out)
     references = {p: greedy_reference(peft_model, p, NEW_TOKENS) for p in prompts}
     del peft_model
