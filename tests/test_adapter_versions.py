@@ -175,3 +175,93 @@ def test_admission_reads_and_validates_off_the_event_loop(specs, tmp_path):
     gaps = asyncio.run(scenario())
     assert sum(gaps) > 1.4 and max(gaps) < 0.5, f"the event loop stalled for {max(gaps):.2f} s"
     engine._tenfold_versions.close()
+
+
+def _engine_stand_in(validate, fail_loads: bool = False):
+    """An AsyncLLM with the plugin's patches and an engine core that records which engine ids it was asked to
+    load and free (and refuses loads when `fail_loads`, like a worker that cannot read a snapshot)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from tenfold.engine import vllm_compat
+
+    vllm_compat.apply()
+
+    class Core:
+        added, removed = [], []
+
+        async def add_lora_async(self, lora_request):
+            if fail_loads:
+                raise RuntimeError("worker refused the adapter")
+            self.added.append(lora_request.lora_int_id)
+            return True
+
+        async def remove_lora_async(self, lora_id):
+            self.removed.append(lora_id)
+            return True
+
+        def shutdown(self, timeout=None):
+            pass
+
+    engine = AsyncLLM.__new__(AsyncLLM)
+    engine.__dict__.update(input_processor=type("P", (), {"_tenfold_check_path": staticmethod(validate)})(),
+                           output_processor=type("O", (), {})(), engine_core=Core())
+    return engine
+
+
+def test_unload_frees_the_id_it_deleted_when_a_load_raced_it(specs, tmp_path):
+    """vLLM's unload waits on the name's lock; a load or resolution holding it may register the name under a new
+    id meanwhile. The id the unload deleted must be the one freed, and an id the load replaced is freed too:
+    afterwards no version of the name is left in the engine (found as 2 leaked versions by the soak test)."""
+    import asyncio
+
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+    from tenfold.engine.vllm_compat import _NameRegistry
+
+    save_adapter(make("lora", specs["mha"], seed=11), tmp_path / "a")
+    engine = _engine_stand_in(lambda path: load_adapter(path, specs["mha"]).validate(specs["mha"]))
+
+    async def scenario(registered_at_start):
+        models = OpenAIServingModels.__new__(OpenAIServingModels)
+        models.__dict__.update(engine_client=engine, lora_resolver_lock={"a": asyncio.Lock()})
+        models.lora_requests = _NameRegistry(engine, {})
+        if registered_at_start is not None:  # registered by a request's resolution, outside the lock
+            await engine.add_lora(LoRARequest("a", registered_at_start, str(tmp_path / "a")))
+            models.lora_requests["a"] = LoRARequest("a", registered_at_start, str(tmp_path / "a"))
+        lock = models.lora_resolver_lock["a"]
+        await lock.acquire()  # a load of "a" holds the name's lock ...
+        unload = asyncio.create_task(models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name="a")))
+        await asyncio.sleep(0.05)  # ... while the unload starts and waits on it
+        loaded = LoRARequest("a", 20 + (registered_at_start or 0), str(tmp_path / "a"))
+        await engine.add_lora(loaded)
+        models.lora_requests["a"] = loaded  # the load registers its id and releases the lock
+        lock.release()
+        result = await unload
+        await asyncio.gather(*models.lora_requests._tasks)
+        return result, loaded.lora_int_id
+
+    for registered_at_start in (None, 4):
+        result, loaded_id = asyncio.run(scenario(registered_at_start))
+        assert "removed successfully" in result
+        versions = engine._tenfold_versions
+        assert versions.engine_ids_of(loaded_id) == [], "the id the unload deleted was never freed"
+        if registered_at_start is not None:
+            assert versions.engine_ids_of(registered_at_start) == [], "the id the load replaced was never freed"
+    assert versions.live_versions() == 0
+    assert sorted(engine.engine_core.removed) == sorted(engine.engine_core.added)
+    versions.close()
+
+
+def test_a_failed_load_leaves_no_version_behind(specs, tmp_path):
+    """A load the workers refuse registers no name, so nothing would ever unload its id: the version admitted for
+    it is freed with the failure, and the error reaches the caller."""
+    import asyncio
+
+    save_adapter(make("lora", specs["mha"], seed=12), tmp_path / "a")
+    engine = _engine_stand_in(lambda path: load_adapter(path, specs["mha"]).validate(specs["mha"]), fail_loads=True)
+    with pytest.raises(RuntimeError, match="worker refused"):
+        asyncio.run(engine.add_lora(LoRARequest("a", 5, str(tmp_path / "a"))))
+    versions = engine._tenfold_versions
+    assert versions.live_versions() == 0 and not list(versions.root.iterdir())
+    versions.close()

@@ -30,6 +30,7 @@ SOAK_SECONDS = 30  # at least this long, and until MIN_CHURN_OPS churn operation
 MIN_CHURN_OPS = 40  # but never longer than MAX_SOAK_SECONDS
 MIN_REQUESTS = 60
 MAX_SOAK_SECONDS = 240
+SETTLE_SECONDS = 10  # after the last unload, every version must be freed within this
 CLIENTS = 8
 NEW_TOKENS = 10
 VERSIONS = 2  # rewrites alternate between two seeds per adapter
@@ -281,9 +282,10 @@ def _soak(server, grpc_target, root, names, prompts, refs, spec, seeds):
         one_request(generate_http, warm, model, 1)
     for name in [*names, "filler0", "filler1", "filler2"]:
         warm.delete(f"{url}/v1/adapters/{name}")
-    time.sleep(1)
     registered_left = [a["name"] for a in warm.get(f"{url}/v1/adapters").json()["adapters"]]
-    versions_left = scrape_value(url, "tenfold_adapter_versions")
+    deadline = time.monotonic() + SETTLE_SECONDS  # ids replaced by racing registrations are freed by engine tasks
+    while (versions_left := scrape_value(url, "tenfold_adapter_versions")) and time.monotonic() < deadline:
+        time.sleep(0.5)
     workers = httpx.get(f"{url}/metrics", timeout=30).text
     rss_after = rss_of_tree(server["process"].pid)
     warm.close()

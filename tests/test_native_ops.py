@@ -148,3 +148,19 @@ def test_tables_grow_with_activations_and_rows_are_reused_lowest_first(specs):
     store.release(500)
     store.assign(42, adapters[2])
     assert int(store.row_of_slot[42]) == int(2), "the released row is reused first"
+
+
+def test_an_adapter_loaded_outside_a_step_joins_a_bucket_made_inside_one(specs):
+    """vLLM activates adapters inside a step (under inference mode, so new tables are inference tensors) and from
+    an admin load outside one: the second write into the same bucket must work (found by the soak test)."""
+    spec = specs["mha"]
+    store = SlotStore(spec, 4, torch.float32, torch.device("cpu"))
+    first, evicted, second = (make("lora", spec, seed=s) for s in (4, 5, 6))
+    with torch.inference_mode():
+        store.assign(0, first)
+        store.assign(1, evicted)
+    store.release(1)
+    store.assign(1, second)  # the load endpoint's activation, into the row freed inside the step
+    (bucket,) = store.buckets.values()
+    for name, table in bucket.tables.items():
+        assert torch.equal(table[int(store.row_of_slot[1])], bucket.row_tensors(second)[name].to(table.dtype))

@@ -30,6 +30,12 @@ class SlotStore:
 
     def assign(self, slot: int, adapter: Adapter | None) -> None:
         """Put `adapter` (None: a warm-up dummy, i.e. the base model) into `slot`, replacing what it held."""
+        # always under inference mode: vLLM activates adapters both inside a step (inference mode: new tables are
+        # inference tensors) and from an admin load outside one, where writing into an inference tensor is refused
+        with torch.inference_mode():
+            self._assign(slot, adapter)
+
+    def _assign(self, slot: int, adapter: Adapter | None) -> None:
         self.release(slot)
         if adapter is None:
             return

@@ -243,10 +243,12 @@ def _patch_unload_endpoint() -> None:
     original = OpenAIServingModels.unload_lora_adapter
 
     async def unload_lora_adapter(self, request):
-        known = self.lora_requests.get(request.lora_name)
+        # the entry this call deleted, read after the fact: the call waits on the name's lock, during which a
+        # load or resolution may register the name under another id
         result = await original(self, request)
-        if known is not None and request.lora_name not in self.lora_requests:
-            await self.engine_client.remove_lora(known.lora_int_id)  # frees the worker slot and host cache
+        removed = self.lora_requests.take_removed(request.lora_name)
+        if removed is not None:
+            await self.engine_client.remove_lora(removed.lora_int_id)  # frees the worker slot and host cache
         return result
 
     OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
@@ -262,12 +264,20 @@ def _patch_unload_endpoint() -> None:
 class _NameRegistry(dict):
     """vLLM's name -> LoRARequest map. A name registered again under another id (a load or resolution that raced
     another one) leaves the engine the old id, which nothing would ever unload: retire it (the engine frees it once
-    its requests in flight end)."""
+    its requests in flight end). Deletions are recorded so that the unload endpoint frees the id it deleted."""
 
     def __init__(self, engine_client, initial):
         super().__init__(initial)
         self._engine_client = engine_client
         self._tasks = set()
+        self._removed = {}  # name -> the entry its last unload deleted, until the unload endpoint frees it
+
+    def __delitem__(self, name):
+        self._removed[name] = self[name]
+        super().__delitem__(name)
+
+    def take_removed(self, name):
+        return self._removed.pop(name, None)
 
     def __setitem__(self, name, lora_request):
         import asyncio
@@ -347,8 +357,14 @@ def _patch_adapter_lifecycle() -> None:
     async def async_add_lora(self, lora_request):
         versions = async_versions(self)
         versions.forget_user(lora_request.lora_int_id)  # vLLM reuses a loaded name's id for in-place loads
+        new_id = not versions.engine_ids_of(lora_request.lora_int_id)
         bound = await asyncio.to_thread(versions.admit, lora_request, False)
-        return await original_async_add_lora(self, bound)
+        try:
+            return await original_async_add_lora(self, bound)
+        except BaseException:
+            if new_id:  # the front end registers no name for a failed load: nothing would ever unload this id
+                await free_async(self, versions.retire_user(lora_request.lora_int_id)[1])
+            raise
 
     async def async_remove_lora(self, lora_id: int) -> bool:
         if lora_id >= ENGINE_ID_BASE or getattr(self, "_tenfold_versions", None) is None:
@@ -388,7 +404,13 @@ def _patch_adapter_lifecycle() -> None:
     def sync_add_lora(self, lora_request):
         versions = sync_versions(self)
         versions.forget_user(lora_request.lora_int_id)
-        return original_sync_add_lora(self, versions.admit(lora_request, False))
+        new_id = not versions.engine_ids_of(lora_request.lora_int_id)
+        try:
+            return original_sync_add_lora(self, versions.admit(lora_request, False))
+        except BaseException:
+            if new_id:  # as in async_add_lora
+                versions._on_freeable(versions.retire_user(lora_request.lora_int_id)[1])
+            raise
 
     def sync_remove_lora(self, lora_id: int) -> bool:
         if lora_id >= ENGINE_ID_BASE or getattr(self, "_tenfold_versions", None) is None:
