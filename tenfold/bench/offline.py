@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def engine_args(spec: dict) -> dict:
-    # the base run is what a user runs without adapters: compiled wherever vLLM compiles (on CPU, inductor). With
-    # LoRA enabled vLLM's CPU platform turns compilation off itself; eager is then stated rather than implied.
+    # every mode runs as vLLM would run it (compiled where it compiles: the base model, tenfold's native mode; vLLM's
+    # CPU platform itself turns compilation off for its own LoRA) unless --enforce-eager; results state which ran
     args = dict(model=spec["model"], dtype=spec["dtype"], block_size=32, max_model_len=spec["max_model_len"],
-                max_num_seqs=spec["max_num_seqs"], enforce_eager=bool(spec["adapters"]), seed=spec["seed"],
+                max_num_seqs=spec["max_num_seqs"], enforce_eager=spec.get("enforce_eager", False), seed=spec["seed"],
                 enable_prefix_caching=False,  # repeats resend the same prompts: no cached prefills
                 disable_log_stats=False)      # per-request timestamps (time to first token, per output token)
     if spec["adapters"]:
@@ -48,6 +48,7 @@ def run(spec: dict) -> dict:
     settings = engine_args(spec)
     llm = LLM(**settings)
     engine_start_s = time.perf_counter() - start
+    compiled = llm.llm_engine.vllm_config.compilation_config.mode.name != "NONE"
     adapters = [LoRARequest(Path(p).name, i + 1, p) for i, p in enumerate(spec["adapters"])]
     try:
         # hot-load latency: one adapter at a time into the running engine (read, validate, take a slot)
@@ -82,5 +83,5 @@ def run(spec: dict) -> dict:
     return {"engine_start_s": engine_start_s, "seconds": seconds,
             "tok_s": [t / s for t, s in zip(tokens, seconds)], "req_s": [len(requests) / s for s in seconds],
             "output_tokens": tokens[0], "ttft_s": ttft, "tpot_s": tpot, "load_ms": load_ms,
-            "resident_adapters": resident, "enforce_eager": settings["enforce_eager"],
+            "resident_adapters": resident, "enforce_eager": settings["enforce_eager"], "compiled": compiled,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

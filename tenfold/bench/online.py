@@ -30,11 +30,13 @@ def server_command(spec: dict, port: int) -> list[str]:
     engine = ["--port", str(port), "--served-model-name", "base", "--dtype", spec["dtype"], "--block-size", "32",
               "--max-model-len", str(spec["max_model_len"]), "--max-num-seqs", str(spec["max_num_seqs"]),
               "--seed", str(spec["seed"]), "--no-enable-prefix-caching"]
+    if spec.get("enforce_eager"):
+        engine.append("--enforce-eager")
     if not spec["adapters"]:  # the base model as a user serves it: compiled wherever vLLM compiles
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", spec["model"], *engine]
     return [sys.executable, "-m", "tenfold.server.cli", "serve", spec["model"], "--grpc-port", "0",
             "--adapter-root", str(Path(spec["adapters"][0]).parent),
-            "--mode", "native" if spec["mode"] == "native" else "convert", *engine, "--enforce-eager",
+            "--mode", "native" if spec["mode"] == "native" else "convert", *engine,
             "--max-loras", str(spec["max_loras"]), "--max-lora-rank", str(spec["max_lora_rank"]),
             "--max-cpu-loras", str(max(spec["max_loras"], len(spec["adapters"])))]
 
@@ -114,7 +116,10 @@ async def drive(spec: dict, url: str, server: subprocess.Popen) -> dict:
             "req_s": [len(run) / s for run, s in zip(runs, seconds)], "output_tokens": tokens[0],
             "ttft_s": [r["first"] - r["sent"] for run in runs for r in run],
             "tpot_s": [(r["done"] - r["first"]) / (r["tokens"] - 1) for run in runs for r in run if r["tokens"] > 1],
-            "load_ms": load_ms, "resident_adapters": resident, "enforce_eager": bool(spec["adapters"])}
+            "load_ms": load_ms, "resident_adapters": resident, "enforce_eager": bool(spec.get("enforce_eager")),
+            # what vLLM 0.32 decides on CPU (the server runs in another process): compiled unless eager was asked
+            # for or vLLM's own LoRA runs (convert, vllm-lora)
+            "compiled": not spec.get("enforce_eager") and spec["mode"] in ("base", "native")}
 
 
 async def worker_resident(session, url: str) -> int:

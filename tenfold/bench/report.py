@@ -48,7 +48,7 @@ def merge_rounds(results: list[dict]) -> dict:
     merged.update(output_tokens=results[0]["output_tokens"], resident_adapters=results[-1]["resident_adapters"],
                   peak_rss_bytes=max(r["peak_rss_bytes"] for r in results),
                   engine_start_s=[r["engine_start_s"] for r in results],
-                  enforce_eager=results[0].get("enforce_eager"),
+                  enforce_eager=results[0].get("enforce_eager"), compiled=results[0].get("compiled"),
                   load_avg_1min_before=[r["load_avg_1min_before"] for r in results])
     return merged
 
@@ -74,9 +74,14 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _execution(row: dict) -> str:
+    compiled = row.get("compiled")
+    return "-" if compiled is None else "compiled" if compiled else "eager"
+
+
 def format_table(rows: list[dict]) -> str:
     header = (f"{'run':<30}{'tok/s median [min-max]':<26}{'vs base':>8}{'req/s':>8}{'TTFT p50/p99 ms':>18}"
-              f"{'TPOT p50/p99 ms':>18}{'load p50 ms':>12}{'resident':>9}{'adapter B':>11}{'peak MiB':>9}")
+              f"{'TPOT p50/p99 ms':>18}{'load p50 ms':>12}{'resident':>9}{'adapter B':>11}{'peak MiB':>9}{'exec':>10}")
     lines = [header]
     for row in rows:
         if "error" in row:
@@ -92,7 +97,8 @@ def format_table(rows: list[dict]) -> str:
         ratio = f"{row['ratio_to_base']:.2f}x" if row.get("ratio_to_base") is not None else "-"
         lines.append(f"{row['label']:<30}{spread:<26}{ratio:>8}{row['req_s_median']:>8.2f}{ttft:>18}{tpot:>18}"
                      f"{_fmt(row['load_ms']['p50'], '.1f'):>12}{row['resident_adapters']:>9}"
-                     f"{_fmt(row.get('adapter_bytes'), ','):>11}{row['peak_rss_bytes'] / 2**20:>9.0f}")
+                     f"{_fmt(row.get('adapter_bytes'), ','):>11}{row['peak_rss_bytes'] / 2**20:>9.0f}"
+                     f"{_execution(row):>10}")
     return "\n".join(lines)
 
 

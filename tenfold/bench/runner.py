@@ -148,7 +148,7 @@ def main(args) -> int:
                 "max_model_len": args.prompt_len.high + args.output_len.high, "max_num_seqs": max_num_seqs,
                 "max_loras": args.max_loras or max(1, min(used, max_num_seqs)),
                 "max_lora_rank": vllm_lora_rank(info.get("rank") or 1),
-                "load_sample": min(args.load_sample, len(paths))}
+                "load_sample": min(args.load_sample, len(paths)), "enforce_eager": args.enforce_eager}
         load_before = os.getloadavg()[0]  # another job on the machine skews every number: keep the evidence
         suffix = f"_round{round_index + 1}" if args.rounds > 1 else ""
         result = run_child(spec, log_dir / f"{label.replace(':', '_').replace('@', '_')}{suffix}.log")
@@ -277,6 +277,9 @@ def add_arguments(parser) -> None:
                              "saved in, the one users serve it in; note that CPUs without AVX-512 emulate bf16 GEMMs)")
     parser.add_argument("--max-loras", type=int, help="adapter slots (default: distinct adapters per batch)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every mode eagerly (default: as vLLM runs it, compiled where it compiles: the base "
+                             "model and tenfold's native mode)")
     parser.add_argument("--load-sample", type=int, default=32, help="adapters whose hot-load latency is timed")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="results.json, plots and logs")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tenfold/bench").expanduser(),

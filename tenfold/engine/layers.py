@@ -20,6 +20,7 @@ from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallel
                               MergedQKVParallelLinearWithLoRA, QKVParallelLinearWithLoRA, ReplicatedLinearWithLoRA,
                               RowParallelLinearWithLoRA)
 
+from . import compiled_ops
 from .families import adapted_forward, add_output_updates
 from .mode import execution_mode
 
@@ -63,6 +64,8 @@ class NativeAdapterMixin:
                              f"has output slices {tuple(self.output_slices)}, but tenfold shards {sub_modules} as "
                              f"{expected} (rank {shard.rank}/{shard.size}); serve this model with TENFOLD_MODE=convert")
         self._native, self.layer_index = state, int(match.group(1))
+        self._module_name = module_name
+        compiled_ops.register(self, module_name, sum(self.output_slices))
         starts = [sum(self.output_slices[:i]) for i in range(len(self.output_slices))]
         self.sub_modules = {m: slice(s, s + n) for m, s, n in zip(sub_modules, starts, self.output_slices)}
         self._sub_module_names = tuple(sub_modules)
@@ -70,28 +73,42 @@ class NativeAdapterMixin:
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # vLLM's optional second CUDA stream for LoRA (VLLM_LORA_ENABLE_DUAL_STREAM) is not used: the native applies
         # run in the layer's own stream, and some of them change the base GEMM's input
+        x2 = x.flatten(0, 1) if x.ndim == 3 else x
+        if torch.compiler.is_compiling():  # the step's adapters stay out of the traced graph (compiled_ops.py)
+            if self._native is None:  # the graph would silently leave every adapter out
+                raise RuntimeError("tenfold: a native wrapper was traced before the native state was bound to it")
+            output = torch.ops.tenfold.adapted_linear(x2, bias, self._module_name)
+        else:
+            output = self.adapted_apply(x2, bias)
+        return output.view(*x.shape[:-1], output.shape[-1])
+
+    def adapted_apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Base GEMM plus the current step's adapter updates for x [T, in] (eager; the body of the compiled op)."""
         base = self._get_quant_method().apply
         if self._native is None:
             return base(self.base_layer, x, bias)
-        plan = self._native.layer_plan(x.shape[-2] if x.ndim == 3 else x.shape[0], self.layer_index,
-                                       self._sub_module_names)
+        plan = self._native.layer_plan(x.shape[0], self.layer_index, self._sub_module_names)
         if not plan:
             return base(self.base_layer, x, bias)
-        x2 = x.flatten(0, 1) if x.ndim == 3 else x
-        output = adapted_forward(plan, self.layer_index, self.sub_modules, x2,
+        output = adapted_forward(plan, self.layer_index, self.sub_modules, x,
                                  lambda inputs: base(self.base_layer, inputs, bias), self._native.store.dtype,
                                  self._frozen_weight)
         if not self._reduces_output:  # this rank's output is complete: updates reading it can run now
-            output = self._add_reduced_updates(plan, output, None)
-        return output.view(*x.shape[:-1], output.shape[-1])
+            add_output_updates(plan, self.layer_index, self.sub_modules, output, None, self._native.store.dtype,
+                               self._frozen_weight)
+        return output
 
     _reduces_output = False  # whether vLLM all-reduces this layer's output after `apply` (row-parallel layers)
 
-    def _add_reduced_updates(self, plan, output: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out2 = output.flatten(0, 1) if output.ndim == 3 else output
-        add_output_updates(plan, self.layer_index, self.sub_modules, out2, bias, self._native.store.dtype,
-                           self._frozen_weight)
-        return output
+    def add_reduced_updates(self, output: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Adds, in place, the step's updates that read this layer's whole output [T, out] (+ its separately
+        returned bias): after vLLM's all-reduce for row-parallel layers."""
+        if self._native is None:
+            return
+        plan = self._native.layer_plan(output.shape[0], self.layer_index, self._sub_module_names)
+        if plan:
+            add_output_updates(plan, self.layer_index, self.sub_modules, output, bias, self._native.store.dtype,
+                               self._frozen_weight)
 
     def _frozen_weight(self, module: str) -> torch.Tensor:
         """The frozen weight rows [out_m, in] of one sub-module in the compute dtype, for bat's second pass and adp's
@@ -129,13 +146,13 @@ class NativeRowParallelLinear(NativeAdapterMixin, RowParallelLinearWithLoRA):
 
     def forward(self, input_):
         result = super().forward(input_)  # apply (the partial updates of this rank), then vLLM's all-reduce
-        if self._native is None:
-            return result
         output, bias = result if isinstance(result, tuple) else (result, None)
-        plan = self._native.layer_plan(output.shape[-2] if output.ndim == 3 else output.shape[0], self.layer_index,
-                                       self._sub_module_names)
-        output = self._add_reduced_updates(plan, output, bias) if plan else output
-        return (output, bias) if isinstance(result, tuple) else output
+        out2 = output.flatten(0, 1) if output.ndim == 3 else output
+        if torch.compiler.is_compiling():  # bound: `apply` above checked
+            torch.ops.tenfold.reduced_updates(out2, bias, self._module_name)
+        else:
+            self.add_reduced_updates(out2, bias)
+        return result
 
 
 class NativeReplicatedLinear(NativeAdapterMixin, ReplicatedLinearWithLoRA):

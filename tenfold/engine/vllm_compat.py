@@ -26,6 +26,10 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
 9. Adapter lifecycle: `AsyncLLM` and `LLMEngine` admit adapter requests through `versions.AdapterVersions` (an
    immutable snapshot and an engine id per adapter version, freed when unloaded and idle), and vLLM's OpenAI
    front end resolves a name again from the adapter root when an unload raced its lookup.
+10. Compilation: vLLM's CPU platform turns its inductor compilation off whenever LoRA is enabled; in native mode it
+   stays on (the wrappers keep each step's adapters out of the traced graph, `compiled_ops.py`). On other devices
+   native mode refuses to start without --enforce-eager (CUDA graphs are not supported yet). Convert mode keeps
+   vLLM's behaviour.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def apply() -> None:
     _patch_prefix_cache_keys()
     _patch_native_execution()
     _patch_adapter_lifecycle()
+    _patch_compilation()
     _applied = True
     logger.debug("tenfold: vLLM %s patched", SUPPORTED_VLLM_VERSION)
 
@@ -498,6 +503,45 @@ def _patch_resolution_race(not_found) -> None:
             return lora
 
     BaseServing._maybe_get_adapters = _maybe_get_adapters
+
+
+# --- 10: compiled native path -----------------------------------------------------------------------------------------
+class NativeModeNeedsEagerError(ValueError):
+    pass
+
+
+def native_compilation(vllm_config, requested, on_cpu: bool, device_name: str) -> None:
+    """Native mode's compilation settings, after the platform's own: compiled on CPU as vLLM compiles the model
+    without LoRA; elsewhere refused unless eager (graph capture would record one step's host-built plan and replay
+    it for every later batch)."""
+    from vllm.config import CompilationMode
+
+    compilation = vllm_config.compilation_config
+    if on_cpu:
+        if requested == CompilationMode.VLLM_COMPILE and compilation.mode == CompilationMode.NONE:
+            compilation.mode = CompilationMode.DYNAMO_TRACE_ONCE  # the inductor settings were applied before
+            logger.info("tenfold: native mode keeps vLLM's CPU compilation on with LoRA enabled")
+    elif not vllm_config.model_config.enforce_eager:
+        raise NativeModeNeedsEagerError(
+            f"tenfold's native mode does not run under {device_name} graph capture yet: serve with --enforce-eager "
+            "(enforce_eager=True), or use TENFOLD_MODE=convert (vLLM's LoRA kernels)")
+
+
+def _patch_compilation() -> None:
+    from vllm.platforms import current_platform
+
+    from .mode import execution_mode
+
+    platform = type(current_platform)
+    original = platform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        requested = vllm_config.compilation_config.mode  # VLLM_COMPILE unless the user asked for eager execution
+        original(cls, vllm_config)
+        if execution_mode() == "native" and vllm_config.lora_config is not None:
+            native_compilation(vllm_config, requested, current_platform.is_cpu(), current_platform.device_name)
+
+    platform.check_and_update_config = classmethod(check_and_update_config)
 
 
 # --- 3: CPU LoRA ops -----------------------------------------------------------------------------------------------
