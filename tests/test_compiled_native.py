@@ -15,15 +15,12 @@ model's log-probabilities (on the same tokens) as from its adapter's (measured: 
 
 from __future__ import annotations
 
-import gc
-import logging
-import os
-
 import pytest
 
 pytest.importorskip("vllm", reason="the compiled engine tests need vllm (the cpu extra) installed")
 
 from adapter_cases import make  # noqa: E402
+from offline_engine import offline_engine  # noqa: E402
 from tenfold.adapters import save_adapter  # noqa: E402
 from vllm_reference import greedy_reference, random_prompts  # noqa: E402
 
@@ -37,29 +34,17 @@ CASES = ["lora", "lorta_heads_in", "lorta_heads_out", "lorta_qv", "loretta_rep",
 @pytest.fixture(scope="module", params=["mha-float32", "gqa-float32", "mha-bfloat16", "gqa-bfloat16"])
 def compiled(request, tiny_model_dirs, specs, hf_models, tmp_path_factory):
     """One compiled native engine per tiny model and dtype, with one adapter of every family."""
-    from vllm import LLM
-
     name, dtype = request.param.split("-")
     root = tmp_path_factory.mktemp(f"compiled-{name}-{dtype}")
     adapters = {}
     for i, case in enumerate(CASES):
         adapters[case] = make(case, specs[name], seed=300 + i)
         save_adapter(adapters[case], root / case)
-    previous = os.environ.get("TENFOLD_MODE")
-    os.environ["TENFOLD_MODE"] = "native"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    llm = LLM(model=str(tiny_model_dirs[name]), dtype=dtype, enable_lora=True, max_loras=len(CASES),
-              max_lora_rank=32, max_cpu_loras=len(CASES), max_model_len=256, max_num_seqs=6, seed=0,
-              block_size=32, enforce_eager=False)
-    yield {"name": name, "dtype": dtype, "llm": llm, "root": root, "adapters": adapters, "model": hf_models[name]}
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    if previous is None:
-        os.environ.pop("TENFOLD_MODE")
-    else:
-        os.environ["TENFOLD_MODE"] = previous
-
+    with offline_engine("native", model=str(tiny_model_dirs[name]), dtype=dtype, enable_lora=True,
+                        max_loras=len(CASES), max_lora_rank=32, max_cpu_loras=len(CASES), max_model_len=256,
+                        max_num_seqs=6, seed=0, block_size=32, enforce_eager=False) as llm:
+        yield {"name": name, "dtype": dtype, "llm": llm, "root": root, "adapters": adapters,
+               "model": hf_models[name]}
 
 def lora_request(compiled, case):
     from vllm.lora.request import LoRARequest

@@ -10,7 +10,6 @@ reference module for LoRTA, which PEFT does not have). Then `tenfold serve` answ
 from __future__ import annotations
 
 import gc
-import os
 import zipfile
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 
 from adapter_cases import randomize_peft
 from conftest import CACHE
+from offline_engine import offline_engine
 
 NEW_TOKENS = 16
 # plain-text prompts: a real model on real text (random token ids make flat, tie-prone distributions)
@@ -126,23 +126,11 @@ def served(smollm2_dir, tmp_path_factory):
     del model
     gc.collect()
 
-    from vllm import LLM
-
-    previous = os.environ.get("TENFOLD_MODE")
-    os.environ["TENFOLD_MODE"] = "native"  # bat has no LoRA form: only the native path serves it
-    try:
-        llm = LLM(model=str(smollm2_dir), dtype="float32", enable_lora=True, max_loras=4, max_lora_rank=32,
-                  max_cpu_loras=8, max_model_len=256, max_num_seqs=16, enforce_eager=True, seed=0, block_size=32)
+    # bat has no LoRA form: only the native path serves it
+    with offline_engine("native", model=str(smollm2_dir), dtype="float32", enable_lora=True, max_loras=4,
+                        max_lora_rank=32, max_cpu_loras=8, max_model_len=256, max_num_seqs=16, enforce_eager=True,
+                        seed=0, block_size=32) as llm:
         yield {"llm": llm, "rows": rows, "root": root, "references": references, "base": base}
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-    finally:
-        if previous is None:
-            os.environ.pop("TENFOLD_MODE", None)
-        else:
-            os.environ["TENFOLD_MODE"] = previous
-
 
 def test_mixed_family_batch_on_smollm2_matches_huggingface_and_peft(served):
     from vllm import SamplingParams

@@ -4,14 +4,12 @@ HuggingFace reference; bad adapters fail alone."""
 
 from __future__ import annotations
 
-import gc
-import os
-
 import pytest
 
 pytest.importorskip("vllm", reason="the vLLM plugin tests need vllm (the cpu extra) installed")
 
 from adapter_cases import make  # noqa: E402
+from offline_engine import offline_engine  # noqa: E402
 from tenfold.adapters import save_adapter  # noqa: E402
 from vllm_reference import greedy_reference, random_prompts  # noqa: E402
 
@@ -22,14 +20,10 @@ CONVERTIBLE_CASES = ["lora", "lorta_heads_in", "lorta_heads_out", "loretta_rep",
 SERVED_CASES = {"convert": CONVERTIBLE_CASES, "native": [*CONVERTIBLE_CASES, "lorta_qv", "bat", "loretta_adp"]}
 
 
-def engine(model_dir, **overrides):
-    from vllm import LLM
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    args = dict(model=str(model_dir), dtype="float32", enable_lora=True, max_loras=MAX_LORAS, max_lora_rank=32,
+def engine_args(model_dir):
+    return dict(model=str(model_dir), dtype="float32", enable_lora=True, max_loras=MAX_LORAS, max_lora_rank=32,
                 max_cpu_loras=MAX_LORAS * 2, max_model_len=256, max_num_seqs=32, enforce_eager=True, seed=0,
                 enable_prefix_caching=True, block_size=32)
-    return LLM(**{**args, **overrides})
 
 
 @pytest.fixture(scope="module", params=["native-mha", "native-gqa", "convert-mha", "convert-gqa"])
@@ -44,18 +38,8 @@ def served(request, tiny_model_dirs, specs, hf_models, tmp_path_factory):
         adapter.validate(specs[name])
         save_adapter(adapter, root / case)
         adapters[case] = adapter
-    previous = os.environ.get("TENFOLD_MODE")
-    os.environ["TENFOLD_MODE"] = mode
-    llm = engine(tiny_model_dirs[name])
-    yield {"name": name, "mode": mode, "llm": llm, "root": root, "adapters": adapters, "model": hf_models[name]}
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    if previous is None:
-        os.environ.pop("TENFOLD_MODE")
-    else:
-        os.environ["TENFOLD_MODE"] = previous
-
+    with offline_engine(mode, **engine_args(tiny_model_dirs[name])) as llm:
+        yield {"name": name, "mode": mode, "llm": llm, "root": root, "adapters": adapters, "model": hf_models[name]}
 
 def lora_request(served, case):
     from vllm.lora.request import LoRARequest
