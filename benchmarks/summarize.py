@@ -31,10 +31,10 @@ def throughput_table(bench: dict) -> str:
     # (loretta_adp, bat) are compared with plain LoRA's group at the same adapter count
     vllm = {group(r["label"]): r["ratio_to_base"] for r in rows if r["mode"] == "vllm-lora" and r.get("ratio_to_base")}
     lines = ["| run | tok/s median [min-max] | vs base (per round) | vs vLLM LoRA's ratio | TTFT p50 ms | TPOT p50 ms "
-             "| hot-load p50 ms | adapter bytes | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| hot-load p50 ms | adapter bytes | peak RSS MB | execution |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error'].splitlines()[0][:80]} | | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error'].splitlines()[0][:80]} | | | | | | | | |")
             continue
         rounds = ", ".join(f"{x:.2f}" for x in r.get("paired_ratios", []))
         ratio = f"{r['ratio_to_base']:.2f}x" + (f" ({rounds})" if rounds else "")
@@ -44,8 +44,15 @@ def throughput_table(bench: dict) -> str:
         lines.append(f"| {r['label']} | {r['tok_s_median']:.0f} [{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}] | {ratio} "
                      f"| {versus} | {r['ttft_ms']['p50']:.0f} | {r['tpot_ms']['p50']:.1f} | "
                      f"{'-' if load is None else f'{load:.1f}'} | {r.get('adapter_bytes') or '-'} | "
-                     f"{r['peak_rss_bytes'] / 2**20:.0f} |")
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {execution(r)} |")
     return "\n".join(lines)
+
+
+def execution(row: dict) -> str:
+    """compiled / eager as the run recorded it; runs before 2026-12-03 recorded only enforce_eager."""
+    if row.get("compiled") is not None:
+        return "compiled" if row["compiled"] else "eager"
+    return "eager" if row.get("enforce_eager") else "-"
 
 
 def paired_table(paired: dict) -> str:
@@ -82,7 +89,9 @@ def malloc_table() -> str:
 
 
 def main() -> None:
-    for title, name in (("32 adapters per family", "bench_cpu_32/results.json"),
+    for title, name in (("SmolLM2-135M-Instruct, bf16, 32 adapters per family",
+                         "bench_smollm2_bf16_compiled/results.json"),
+                        ("32 adapters per family", "bench_cpu_32/results.json"),
                         ("4096 LoRTA adapters, Zipf(1.0)", "bench_cpu_4096_zipf/results.json")):
         bench = load(name)
         if bench:
