@@ -410,8 +410,9 @@ def _patch_adapter_lifecycle() -> None:
         versions = sync_versions(self)
         versions.forget_user(lora_request.lora_int_id)
         new_id = not versions.engine_ids_of(lora_request.lora_int_id)
+        bound = versions.admit(lora_request, False)
         try:
-            return original_sync_add_lora(self, versions.admit(lora_request, False))
+            return original_sync_add_lora(self, bound)
         except BaseException:
             if new_id:  # as in async_add_lora
                 versions._on_freeable(versions.retire_user(lora_request.lora_int_id)[1])
