@@ -8,13 +8,14 @@ import os
 
 
 @contextlib.contextmanager
-def offline_engine(mode: str, **llm_args):
-    """The engine with TENFOLD_MODE=mode (read by its processes and by this process's request checks); shut down,
-    and the previous mode restored, afterwards."""
+def offline_engine(mode: str, env: dict[str, str] | None = None, **llm_args):
+    """The engine with TENFOLD_MODE=mode and `env` set (read by its processes and by this process's request checks);
+    shut down, and the previous environment restored, afterwards."""
     from vllm import LLM
 
-    previous = os.environ.get("TENFOLD_MODE")
-    os.environ["TENFOLD_MODE"] = mode
+    settings = {"TENFOLD_MODE": mode, **(env or {})}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     try:
         llm = LLM(**llm_args)
@@ -25,7 +26,8 @@ def offline_engine(mode: str, **llm_args):
             del llm
             gc.collect()
     finally:
-        if previous is None:
-            os.environ.pop("TENFOLD_MODE", None)
-        else:
-            os.environ["TENFOLD_MODE"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -22,6 +22,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..engine.adapter_memory import ENV as MEMORY_ENV, parse_gib
 from . import report
 from .workload import (CPU_ENV, DEFAULT_MODEL, RANDOM_MODEL, Lengths, Popularity, adapter_dir_entries, adapter_info,
                        distinct_used, machine_info, make_requests, model_dtype, resolve_model, synth_adapters,
@@ -75,6 +76,8 @@ def run_child(spec: dict, log_path: Path) -> dict:
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if spec["arrival"] == "offline" else "1"
     if spec["mode"] != "base":
         env["TENFOLD_MODE"] = "native" if spec["mode"] == "native" else "convert"
+    if spec.get("adapter_memory"):
+        env[MEMORY_ENV] = repr(spec["adapter_memory"])
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({**spec, "result_path": str(result_path), "log_path": str(log_path)}))
@@ -148,7 +151,8 @@ def main(args) -> int:
                 "max_model_len": args.prompt_len.high + args.output_len.high, "max_num_seqs": max_num_seqs,
                 "max_loras": args.max_loras or max(1, min(used, max_num_seqs)),
                 "max_lora_rank": vllm_lora_rank(info.get("rank") or 1),
-                "load_sample": min(args.load_sample, len(paths)), "enforce_eager": args.enforce_eager}
+                "load_sample": min(args.load_sample, len(paths)), "enforce_eager": args.enforce_eager,
+                "adapter_memory": args.adapter_memory}
         load_before = os.getloadavg()[0]  # another job on the machine skews every number: keep the evidence
         suffix = f"_round{round_index + 1}" if args.rounds > 1 else ""
         result = run_child(spec, log_dir / f"{label.replace(':', '_').replace('@', '_')}{suffix}.log")
@@ -280,6 +284,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every mode eagerly (default: as vLLM runs it, compiled where it compiles: the base "
                              "model and tenfold's native mode)")
+    parser.add_argument("--adapter-memory", type=parse_gib, metavar="GIB",
+                        help="native mode's adapter memory budget, as `tenfold serve --adapter-memory`")
     parser.add_argument("--load-sample", type=int, default=32, help="adapters whose hot-load latency is timed")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="results.json, plots and logs")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tenfold/bench").expanduser(),

@@ -42,7 +42,6 @@ class NativeAdapterMixin:
         if "output_slices" not in self.__dict__:
             self.output_slices = (self.output_size,)
         self._native = None
-        self._frozen_weights: dict[str, torch.Tensor] = {}
 
     def reset_lora(self, index: int) -> None:
         pass  # the slot store owns slot contents
@@ -112,17 +111,18 @@ class NativeAdapterMixin:
 
     def _frozen_weight(self, module: str) -> torch.Tensor:
         """The frozen weight rows [out_m, in] of one sub-module in the compute dtype, for bat's second pass and adp's
-        pre-adapters; kept after first use. vLLM's CPU backend repacks linear weights for oneDNN and drops the
-        originals, so they are read back through the layer's own GEMM on an identity matrix (exact: one non-zero
-        product per output)."""
-        if module not in self._frozen_weights:
-            weight = getattr(self.base_layer, "weight", None)
-            if weight is None or weight.dim() != 2 or weight.shape[0] != sum(self.output_slices):
-                with torch.no_grad():
-                    eye = torch.eye(self.input_size, dtype=self.base_layer.params_dtype, device=self.device)
-                    weight = self._get_quant_method().apply(self.base_layer, eye, None).t()
-            self._frozen_weights[module] = weight[self.sub_modules[module]].detach().to(self._native.store.dtype)
-        return self._frozen_weights[module]
+        pre-adapters: a copy in the adapter memory, reserved by the slot store when such an adapter arrives and
+        filled on first use. vLLM's CPU backend repacks linear weights for oneDNN and drops the originals, so they are
+        read back through the layer's own GEMM on an identity matrix (exact: one non-zero product per output)."""
+        return self._native.store.frozen_weight(self.layer_index, module, lambda: self._read_frozen_weight(module))
+
+    def _read_frozen_weight(self, module: str) -> torch.Tensor:
+        weight = getattr(self.base_layer, "weight", None)
+        if weight is None or weight.dim() != 2 or weight.shape[0] != sum(self.output_slices):
+            with torch.no_grad():
+                eye = torch.eye(self.input_size, dtype=self.base_layer.params_dtype, device=self.device)
+                weight = self._get_quant_method().apply(self.base_layer, eye, None).t()
+        return weight[self.sub_modules[module]].detach()
 
 
 class NativeColumnParallelLinear(NativeAdapterMixin, ColumnParallelLinearWithLoRA):

@@ -9,6 +9,7 @@ base model), so the front-end's validation and the worker's load each pay once p
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -83,6 +84,12 @@ class NativeAdapter:
     adapter: Adapter  # validated against the served model
     fingerprint: str
     slot_params: int  # entries of the adapter's row in its native slot tables (of one tensor-parallel rank)
+    frozen_params: int = 0  # entries of the frozen-weight copies its bucket reads (bat, loretta_adp; one rank)
+
+    def bucket_bytes(self, slots: int, element_size: int) -> int:
+        """The adapter memory its bucket reserves at most when it is the first of its kind: one row per slot, plus
+        the frozen-weight copies (shared with other buckets that read them)."""
+        return (slots * self.slot_params + self.frozen_params) * element_size
 
 
 def load_for_native(path, spec: ModelSpec, tensor_parallel_size: int = 1) -> NativeAdapter:
@@ -107,7 +114,24 @@ def _load_native(directory: Path, version: str, spec: ModelSpec, tensor_parallel
                                      torch.device("cpu"), shard)
     with torch.no_grad():
         slot_params = sum(t.numel() for t in bucket.row_tensors(adapter).values())
-    return NativeAdapter(adapter, version, slot_params)
+    frozen_params = sum(math.prod(shard.weight_shape(module)) for _, module in bucket.frozen_weights())
+    return NativeAdapter(adapter, version, slot_params, frozen_params)
+
+
+def require_fits_budget(path, native: NativeAdapter, spec: ModelSpec, slots: int, max_rank: int) -> None:
+    """Refuse, before any worker sees it, an adapter whose bucket alone exceeds the engine's adapter memory
+    budget (each worker enforces the budget exactly when the adapter takes a slot)."""
+    from .adapter_memory import AdapterMemoryError, engine_budget, gib
+
+    element = torch.empty((), dtype=_worker_dtype(spec)).element_size()
+    budget, need = engine_budget(spec, slots, max_rank, element), native.bucket_bytes(slots, element)
+    if need > budget:
+        frozen = f" + {gib(native.frozen_params * element)} of frozen-weight copies" if native.frozen_params else ""
+        raise AdapterMemoryError(
+            f"{path}: a {native.adapter.family} adapter of this shape reserves {gib(need)} of adapter memory "
+            f"({slots} slots x {native.slot_params * element} bytes{frozen}), more than the engine's whole budget "
+            f"of {gib(budget)}; start the engine with --adapter-memory {need / (1 << 30) * 1.01:.2f} or more (GiB), "
+            f"or with fewer --max-loras")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ class NativeState:
         self._plan_key = None
         self._plan: list[tuple[Bucket, BucketGroup]] = []
         self._layer_plans: dict[tuple, list[tuple[Bucket, BucketGroup]]] = {}
+        self.step_adapters: frozenset[int] = frozenset()  # engine ids the step being prepared needs (kept resident)
 
     def mapping_changed(self) -> None:
         self._mapping_version += 1

@@ -52,6 +52,11 @@ class Shard:
         fan_in = self.spec.module_shape(module)[0]
         return self._part(fan_in) if module in ROW_PARALLEL else slice(0, fan_in)
 
+    def weight_shape(self, module: str) -> tuple[int, int]:
+        """[out, in] of this rank's part of the module's weight."""
+        out, inputs = self.out_range(module), self.in_range(module)
+        return out.stop - out.start, inputs.stop - inputs.start
+
     def heads_out(self, module: str) -> slice:
         """The heads of `module`'s output this rank computes (q: query heads, k/v: key/value heads, o: hidden)."""
         return _heads(self.out_range(module), self.spec.head_dim)

@@ -2,53 +2,158 @@
 
 vLLM keeps deciding which adapter goes to which slot (its LRU over `max_loras` slots); tenfold only mirrors each
 activation here. Slots of different families and shapes land in different buckets; an empty slot, or one holding a
-warm-up dummy, maps to no bucket, and its tokens run the base model unchanged.
+warm-up dummy, maps to no bucket, and its tokens run the base model unchanged. Every table lives in the engine's
+adapter memory (`adapter_memory.py`): a bucket reserves one row per slot when it is created and keeps that address;
+a bucket left without adapters stays idle, tables kept, until a new bucket needs its memory.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+from collections.abc import Callable
 
 import torch
 
 from ..adapters import Adapter, ModelSpec
+from .adapter_memory import MIN_DEFAULT_BYTES, AdapterArena, AdapterMemoryError, PackedTables, gib, table_layout
 from .families import BUCKETS, Bucket
 from .sharding import Shard
+
+_log = logging.getLogger("vllm.tenfold")  # under vLLM's logger namespace, so it reaches the engine's log
 
 
 class SlotStore:
     def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device,
-                 shard: Shard | None = None):
+                 shard: Shard | None = None, memory_bytes: int = MIN_DEFAULT_BYTES):
         self.spec, self.num_slots, self.dtype, self.device = spec, num_slots, dtype, device
         self.shard = shard or Shard(spec)  # this worker's tensor-parallel part of every layer
-        self.buckets: dict[int, Bucket] = {}
+        self.memory = AdapterArena(memory_bytes, device)  # every table and frozen-weight copy lives in it
+        self.buckets: dict[int, Bucket] = {}  # active and idle buckets (idle: no slot uses it, tables kept)
         self._bucket_ids: dict[tuple, int] = {}
+        self._idle: list[int] = []  # idle bucket ids, the longest idle first: reclaimed in that order
         self._next_id = itertools.count()
+        self._frozen: dict[tuple[int, str], PackedTables] = {}  # (layer, module) -> where its W0 rows are kept
+        self._frozen_filled: set[tuple[int, str]] = set()
+        self._frozen_bytes = 0
         self.bucket_of_slot = torch.full((num_slots,), -1, dtype=torch.long)
         self.row_of_slot = torch.zeros(num_slots, dtype=torch.long)
         self.version = 0  # bumped on every change, so cached batch plans know when to rebuild
 
-    def assign(self, slot: int, adapter: Adapter | None) -> None:
-        """Put `adapter` (None: a warm-up dummy, i.e. the base model) into `slot`, replacing what it held."""
+    def assign(self, slot: int, adapter: Adapter | None, make_room: Callable[[], bool] | None = None,
+               in_step: bool = False) -> None:
+        """Put `adapter` (None: a warm-up dummy, i.e. the base model) into `slot`, replacing what it held.
+
+        A new bucket's tables (and any frozen-weight copies it reads) are placed in the adapter memory; while they
+        do not fit: idle buckets give theirs back (the longest idle first), the arena compacts if its free memory
+        is enough but split, and make_room() (if given: the engine evicts the least recently used adapter the step
+        does not need, which releases its slot here) is called until it returns False. What still does not fit
+        raises AdapterMemoryError (the slot then holds nothing), except `in_step`: vLLM has already scheduled the
+        step's requests, and refusing would stop the engine, so the bucket is placed beyond the budget with a
+        warning that says by how much (and given back as soon as it is idle)."""
         # always under inference mode: vLLM activates adapters both inside a step (inference mode: new tables are
         # inference tensors) and from an admin load outside one, where writing into an inference tensor is refused
         with torch.inference_mode():
-            self._assign(slot, adapter)
+            self._assign(slot, adapter, make_room, in_step)
 
-    def _assign(self, slot: int, adapter: Adapter | None) -> None:
+    def _assign(self, slot: int, adapter: Adapter | None, make_room, in_step: bool) -> None:
         self.release(slot)
         if adapter is None:
             return
         bucket_cls = BUCKETS[adapter.family]
         signature = bucket_cls.signature_of(adapter)
         bucket_id = self._bucket_ids.get(signature)
+        bucket = self.buckets[bucket_id] if bucket_id is not None else bucket_cls(
+            signature, self.spec, self.dtype, self.device, self.shard)
+        values = bucket.row_values(adapter)
+        what = f"the {adapter.family} adapter" + (f" from {adapter.source}" if adapter.source else "")
+        try:
+            missing = self._missing_frozen(bucket)
+            if missing:
+                self._place_frozen(missing, f"frozen-weight copies of {len(missing)} modules for {what}", bucket_id,
+                                   make_room, in_step)
+            if bucket.packed is None:
+                shapes = bucket.table_shapes(values, self.num_slots)
+                row_bytes = sum(v.numel() * v.element_size() for v in values.values())
+                bucket.take_tables(self._place(shapes, f"the tables of {what} ({self.num_slots} slots x {row_bytes} "
+                                                       f"bytes)", bucket_id, make_room, in_step))
+                _log.info("tenfold: a %s bucket takes %s of adapter memory (%d slots x %d bytes per slot); %s of %s "
+                          "in use", bucket.family, gib(bucket.packed.size), self.num_slots, row_bytes,
+                          gib(self.memory.used), gib(self.memory.capacity))
+        except AdapterMemoryError as e:
+            if bucket_id is not None and bucket.rows_in_use == 0 and bucket_id not in self._idle:
+                self._idle.append(bucket_id)
+            raise AdapterMemoryError(f"{what} cannot take a slot: {e}") from None
+        row = bucket.allocate(values)
+        if bucket_id in self._idle:
+            self._idle.remove(bucket_id)
         if bucket_id is None:
             bucket_id = next(self._next_id)
             self._bucket_ids[signature] = bucket_id
-            self.buckets[bucket_id] = bucket_cls(signature, self.spec, self.dtype, self.device, self.shard)
-        self.row_of_slot[slot] = self.buckets[bucket_id].allocate(adapter, self.num_slots)
+            self.buckets[bucket_id] = bucket
+        self.row_of_slot[slot] = row
         self.bucket_of_slot[slot] = bucket_id
         self.version += 1
+
+    def _place(self, shapes: dict, what: str, keep: int | None, make_room, in_step: bool) -> PackedTables:
+        """Tables of `shapes` in the adapter memory, making room as `assign` says."""
+        size = table_layout(shapes, self.dtype)[1]
+        if size > self.memory.capacity - self._frozen_bytes and not in_step:  # no eviction could make room
+            raise AdapterMemoryError(
+                f"{what} need {gib(size)} of adapter memory, more than the budget of {gib(self.memory.capacity)} "
+                f"leaves beside the frozen-weight copies already held ({gib(self._frozen_bytes)}); start the engine "
+                f"with a larger --adapter-memory (GiB), or fewer --max-loras (every bucket reserves one row per slot)")
+        while not self.memory.fits(size):
+            idle = [b for b in self._idle if b != keep]
+            if idle:
+                self._drop_bucket(idle[0])
+            elif self.memory.free >= size:
+                _log.info("tenfold: adapter memory compacted (%s moved) to place %s", gib(self.memory.compact()), what)
+                self.version += 1  # tables moved: no cached view of them may survive
+            elif make_room is not None and make_room():
+                continue
+            elif in_step:
+                over = AdapterArena(size, self.device)
+                _log.warning("tenfold: %s do not fit the adapter memory budget of %s beside the step's other adapters "
+                             "(%s in use); placed beyond it for as long as the step's requests use them. Raise "
+                             "--adapter-memory or lower --max-loras", what, gib(self.memory.capacity),
+                             gib(self.memory.used))
+                return over.pack(shapes, self.dtype, what)
+            else:
+                break
+        return self.memory.pack(shapes, self.dtype, what)  # raises AdapterMemoryError with the numbers if no room
+
+    def _drop_bucket(self, bucket_id: int) -> None:
+        bucket = self.buckets.pop(bucket_id)
+        del self._bucket_ids[bucket.signature]
+        self._idle.remove(bucket_id)
+        bucket.free_tables()
+
+    def _missing_frozen(self, bucket: Bucket) -> dict[tuple[int, str], tuple[int, int]]:
+        """The frozen-weight copies the bucket reads that are not reserved yet, with their shapes."""
+        return {key: self.shard.weight_shape(key[1]) for key in sorted(bucket.frozen_weights() - self._frozen.keys())}
+
+    def _place_frozen(self, missing: dict, what: str, keep: int | None, make_room, in_step: bool) -> None:
+        """Place `missing` frozen-weight copies; kept for the engine's life (the same W0 rows serve every adapter
+        that reads them)."""
+        packed = self._place(missing, what, keep, make_room, in_step)
+        for key in missing:
+            self._frozen[key] = packed
+        if packed.arena is self.memory:
+            self._frozen_bytes += packed.size
+        _log.info("tenfold: %s of adapter memory holds %s", gib(packed.size), what)
+
+    def frozen_weight(self, layer: int, module: str, read) -> torch.Tensor:
+        """The reserved copy of (layer, module)'s frozen weight rows, filled by read() -> [out, in] on first use."""
+        key = (layer, module)
+        packed = self._frozen.get(key)
+        if packed is None:
+            raise RuntimeError(f"tenfold: no frozen-weight copy was reserved for layer {layer} {module}")
+        copy = packed.views[key]
+        if key not in self._frozen_filled:
+            copy.copy_(read())
+            self._frozen_filled.add(key)
+        return copy
 
     def release(self, slot: int) -> None:
         bucket_id = int(self.bucket_of_slot[slot])
@@ -57,7 +162,9 @@ class SlotStore:
         bucket = self.buckets[bucket_id]
         bucket.release(int(self.row_of_slot[slot]))
         if bucket.rows_in_use == 0:
-            del self.buckets[bucket_id], self._bucket_ids[bucket.signature]
+            self._idle.append(bucket_id)
+            if bucket.packed.arena is not self.memory:  # placed beyond the budget for a step: given back at once
+                self._drop_bucket(bucket_id)
         self.bucket_of_slot[slot] = -1
         self.version += 1
 

@@ -137,9 +137,23 @@ def _patch_worker_loading() -> None:
             self._adapter_manager.activate_adapter(lora_id)
         return loaded
 
+    original_apply = LRUCacheWorkerLoRAManager._apply_adapters
+
+    def _apply_adapters(self, lora_requests):
+        # the native slot store may evict active adapters to make room in the adapter memory: never this step's
+        native = getattr(self._adapter_manager, "_tenfold_native", None)
+        if native is None:
+            return original_apply(self, lora_requests)
+        native.step_adapters = frozenset(r.lora_int_id for r in lora_requests if r)
+        try:
+            return original_apply(self, lora_requests)
+        finally:
+            native.step_adapters = frozenset()
+
     WorkerLoRAManager.__init__ = __init__
     WorkerLoRAManager._load_adapter = _load_adapter
     LRUCacheWorkerLoRAManager.add_adapter = add_adapter
+    LRUCacheWorkerLoRAManager._apply_adapters = _apply_adapters
     _patch_active_adapters_by_id()
 
 
@@ -175,7 +189,7 @@ def _patch_request_validation() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     from ..adapters import AdapterError
-    from .loader import check_for_convert, load_for_native
+    from .loader import check_for_convert, load_for_native, require_fits_budget
     from .mode import execution_mode
 
     original = InputProcessor._validate_lora
@@ -185,7 +199,9 @@ def _patch_request_validation() -> None:
         if not hasattr(self, "_tenfold_spec"):
             self._tenfold_spec = served_spec(self.vllm_config)
         if execution_mode() == "native":
-            load_for_native(path, self._tenfold_spec, self.vllm_config.parallel_config.tensor_parallel_size)
+            native = load_for_native(path, self._tenfold_spec, self.vllm_config.parallel_config.tensor_parallel_size)
+            require_fits_budget(path, native, self._tenfold_spec, self.lora_config.max_loras,
+                                self.lora_config.max_lora_rank)
         else:
             check_for_convert(path, self._tenfold_spec, self.lora_config.max_lora_rank)
 
@@ -623,6 +639,7 @@ def _patch_native_execution() -> None:
     import vllm.lora.utils as lora_utils
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
+    from .adapter_memory import AdapterMemoryError, budget_from_env, engine_budget, gib, stock_lora_bytes
     from .layers import NATIVE_LAYER_CLASSES, NativeAdapterMixin
     from .mode import execution_mode
     from .native_model import NativeLoRAModel
@@ -660,7 +677,10 @@ def _patch_native_execution() -> None:
             shard = Shard(spec, first.tp_rank, first.tp_size) if first is not None else Shard(spec)
         except ValueError as e:
             raise ValueError(f"{e}; or serve this model with TENFOLD_MODE=convert") from None
-        store = SlotStore(spec, self.lora_slots, dtype, self.device, shard)
+        element = torch.empty((), dtype=dtype).element_size()
+        budget = engine_budget(spec, self.lora_slots, self.lora_config.max_lora_rank, element)
+        # reserved here, while vLLM loads the model: before it sizes its KV cache from the memory left
+        store = SlotStore(spec, self.lora_slots, dtype, self.device, shard, memory_bytes=budget)
         punica = self._get_punica_wrapper(next(iter(wrappers), "")) if wrappers else None
         self._tenfold_native = NativeState(store, punica)
         for name, module in wrappers.items():
@@ -668,12 +688,17 @@ def _patch_native_execution() -> None:
             module.bind_native(self._tenfold_native, name, self.packed_modules_mapping.get(suffix) or [suffix])
         # under vLLM's logger namespace, so it reaches vLLM's start-up log
         logging.getLogger("vllm.tenfold").info(
-            "tenfold native mode: %d slots, %d layers wrapped%s; no per-slot buffers are reserved (%d bytes of slot "
-            "index per slot); each adapter's row is allocated at its own size when it takes a slot (a LoRTA row "
-            "is 2-2.7x the adapter's own parameters: its head weights are stored pre-scaled per layer, which saves "
-            "small ops in every layer call)", self.lora_slots,
-            len(wrappers), f" on tensor-parallel rank {shard.rank}/{shard.size}" if shard.sharded else "",
-            store.index_bytes_per_slot())
+            "tenfold native mode: %d slots, %d layers wrapped%s; adapter memory %s (%s) reserved for every slot "
+            "table and frozen-weight copy, %s; each bucket (adapters of one family and shape) takes one row per "
+            "slot from it when its first adapter arrives and logs its bytes per slot then (here a LoRA of rank "
+            "%d on every linear module takes %d bytes per slot, a LoRTA row 2-2.7x its adapter's parameters)",
+            self.lora_slots, len(wrappers), f" on tensor-parallel rank {shard.rank}/{shard.size}" if shard.sharded
+            else "", gib(budget), str(dtype).removeprefix("torch."),
+            f"--adapter-memory {budget_from_env() / (1 << 30):g}" if budget_from_env() else
+            f"the default: twice what vLLM's LoRA reserves for max_loras={self.lora_slots} and "
+            f"max_lora_rank={self.lora_config.max_lora_rank}, at least 512 MiB (set --adapter-memory GIB)",
+            self.lora_config.max_lora_rank,
+            stock_lora_bytes(spec, 1, self.lora_config.max_lora_rank, element) // max(1, shard.size))
 
     def _add_adapter(self, lora):
         if isinstance(lora, NativeLoRAModel):
@@ -689,8 +714,23 @@ def _patch_native_execution() -> None:
             if not isinstance(lora, NativeLoRAModel):
                 raise TypeError(f"adapter {lora_id} was loaded as LoRA tensors but the engine runs tenfold's native "
                                 f"mode")
-            native.store.assign(self.lora_index_to_id.index(lora_id), lora.adapter)
+            try:
+                native.store.assign(self.lora_index_to_id.index(lora_id), lora.adapter,
+                                    make_room=lambda: evict_unneeded(self, native, lora_id),
+                                    in_step=bool(native.step_adapters))
+            except AdapterMemoryError:
+                self.deactivate_adapter(lora_id)  # no step may map tokens to the empty slot
+                raise
         return activated
+
+    def evict_unneeded(self, native, activating: int) -> bool:
+        """Deactivate the least recently used adapter that neither the step nor this activation needs (nor a
+        pin holds), which frees its row; False when there is none."""
+        needed, pinned = native.step_adapters | {activating}, self._active_adapters.pinned_items
+        for lora_id in list(self._active_adapters.order):
+            if lora_id not in needed and lora_id not in pinned:
+                return self.deactivate_adapter(lora_id)
+        return False
 
     def _deactivate_adapter(self, lora_id):
         native = getattr(self, "_tenfold_native", None)

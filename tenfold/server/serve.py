@@ -9,6 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..engine.adapter_memory import ENV as MEMORY_ENV, parse_gib
 from ..engine.mode import ENV as MODE_ENV
 from ..engine.mode import MODES
 from ..engine.resolver import ROOT_ENV, InvalidAdapterName, adapter_path
@@ -36,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default=os.environ.get(MODE_ENV, "native"),
                         help="execution path: native (tenfold's factorized kernels, every family; the default) or "
                              "convert (exactly-low-rank families as LoRA on vLLM's kernels); sets TENFOLD_MODE")
+    parser.add_argument("--adapter-memory", type=parse_gib, metavar="GIB",
+                        help="native mode: device memory reserved at start-up for every adapter's slot tables and "
+                             "frozen-weight copies (default: twice what vLLM's LoRA reserves for --max-loras and "
+                             "--max-lora-rank, at least 0.5); a load that does not fit is refused; sets "
+                             "TENFOLD_ADAPTER_MEMORY")
 
 
 def static_adapters(specs: list[str]) -> list[tuple[str, str]]:
@@ -74,6 +80,8 @@ def run(args, passthrough: list[str]) -> int:
         os.environ[ROOT_ENV] = str(args.adapter_root.resolve())
     os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # load/unload at runtime, resolver on first use
     os.environ[MODE_ENV] = args.mode  # read by every vLLM process the engine spawns
+    if args.adapter_memory is not None:
+        os.environ[MEMORY_ENV] = repr(args.adapter_memory)
 
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser

@@ -3,8 +3,8 @@
 Adapters whose factors have the same shapes share a bucket; each adapter held in a vLLM slot owns one row of its
 bucket's tables (rows are reused lowest-first, so the active rows stay dense and usually need no gather). A row holds
 the adapter's own factors, materialized where that is cheaper to apply (TT cores contracted, scalings folded), never
-a per-layer dense delta. Tables grow by doubling as adapters are activated: an engine with many slots reserves
-nothing until adapters arrive.
+a per-layer dense delta. A bucket's tables are reserved in the engine's adapter memory (`adapter_memory.py`) for
+one row per vLLM slot when its first adapter arrives, and stay at that address while the bucket lives.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import ClassVar
 import torch
 
 from ...adapters import Adapter, ModelSpec
+from ..adapter_memory import PackedTables
 from ..batch_plan import BucketGroup
 from ..sharding import Shard
 
@@ -123,7 +124,7 @@ class Bucket(ABC):
                  shard: Shard | None = None):
         self.signature, self.spec, self.dtype, self.device = signature, spec, dtype, device
         self.shard = shard or Shard(spec)  # row_tensors keep this tensor-parallel rank's part of each factor
-        self.tables: dict[str, torch.Tensor] = {}
+        self._packed: PackedTables | None = None  # the tables, in the engine's adapter memory
         self.capacity = 0
         self._free: list[int] = []  # a heap of released rows below the high-water mark
         self._high_water = 0
@@ -159,35 +160,62 @@ class Bucket(ABC):
         return inputs
 
     # --- rows -----------------------------------------------------------------------------------------------------
-    def allocate(self, adapter: Adapter, max_rows: int) -> int:
+    def frozen_weights(self) -> set[tuple[int, str]]:
+        """The (layer, module) pairs whose frozen weight this bucket's applies read (bat, loretta_adp)."""
+        return set()
+
+    def row_values(self, adapter: Adapter) -> dict[str, torch.Tensor]:
+        """The adapter's row of every table, on the device in the table dtype."""
         with torch.no_grad():
-            values = {k: v.detach().to(self.device, self.dtype) for k, v in self.row_tensors(adapter).items()}
+            return {k: v.detach().to(self.device, self.dtype) for k, v in self.row_tensors(adapter).items()}
+
+    def table_shapes(self, values: dict[str, torch.Tensor], capacity: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of this bucket's tables for `capacity` rows, from one adapter's `row_values`."""
+        return {name: (capacity, *value.shape) for name, value in values.items()}
+
+    def take_tables(self, packed: PackedTables) -> None:
+        """Hold the tables reserved for this bucket (one row per vLLM slot), for the bucket's whole life."""
+        self._packed = packed
+        self.capacity = next(iter(packed.shapes.values()))[0]
+
+    @property
+    def tables(self) -> dict[str, torch.Tensor]:
+        return self._packed.views if self._packed is not None else {}
+
+    @property
+    def packed(self) -> PackedTables | None:
+        return self._packed
+
+    def allocate(self, values: dict[str, torch.Tensor]) -> int:
+        """Copy an adapter's `row_values` into a free row (the tables are taken already)."""
         if self._free:
             row = heapq.heappop(self._free)
         else:
             row, self._high_water = self._high_water, self._high_water + 1
         if row >= self.capacity:
-            self._grow(values, min(max(1, 2 * self.capacity), max_rows))
+            raise RuntimeError(f"tenfold: a bucket of {self.capacity} rows was asked for row {row}, but it has one row "
+                               f"per vLLM slot")
+        tables = self.tables
         for name, value in values.items():
-            self.tables[name][row].copy_(value)
+            tables[name][row].copy_(value)
         self.rows_in_use += 1
         return row
 
     def release(self, row: int) -> None:
+        """Free a row; an idle bucket keeps its tables (and addresses) until the store needs the memory."""
         self.rows_in_use -= 1
-        if self.rows_in_use == 0:  # an idle bucket gives its memory back
-            self.tables, self.capacity, self._free, self._high_water = {}, 0, [], 0
-        else:
-            heapq.heappush(self._free, row)
+        heapq.heappush(self._free, row)
+        if self.rows_in_use == 0:
+            self._free, self._high_water = [], 0
 
-    def _grow(self, example: dict[str, torch.Tensor], capacity: int) -> None:
-        grown = {}
-        for name, value in example.items():
-            table = torch.zeros((capacity, *value.shape), dtype=self.dtype, device=self.device)
-            if name in self.tables:
-                table[: self.capacity].copy_(self.tables[name])
-            grown[name] = table
-        self.tables, self.capacity = grown, capacity
+    def free_tables(self) -> None:
+        """Give an idle bucket's tables back to their arena (the store drops the bucket)."""
+        if self._packed is not None:
+            self._packed.release()
+        self._packed, self.capacity = None, 0
+
+    def describe(self) -> str:
+        return " ".join(str(part) for part in self.signature[:-1] if not isinstance(part, (tuple, list)))
 
     def bytes_per_row(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.tables.values()) if self.capacity else 0

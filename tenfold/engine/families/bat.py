@@ -16,6 +16,9 @@ class BatBucket(PerModuleBucket):
     def signature_of(cls, adapter):
         return "bat", adapter.rank, tuple(adapter.targets)
 
+    def frozen_weights(self):
+        return set(self._targets)  # the second pass reads each targeted module's W0
+
     def row_tensors(self, adapter):
         tables = {}
         for key in adapter.targets:

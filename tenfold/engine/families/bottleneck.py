@@ -33,6 +33,15 @@ class BottleneckBucket(PerModuleBucket):
     def signature_of(cls, adapter):
         return "loretta_adp", adapter.rank, adapter.config["non_linearity"], tuple(adapter.targets)
 
+    def frozen_weights(self):
+        # the correction reads W0 of the fused gate_up projection's non-carrier half (see `apply`)
+        fused = [m for m in PLACEMENT if PLACEMENT[m] == "pre"]  # in the fused layer's order: gate, up
+        needed = set()
+        for layer in {layer for layer, _ in self._targets}:
+            pre = [m for m in fused if (layer, m) in self._targets]
+            needed |= {(layer, m) for m in fused if pre and m != pre[0]}
+        return needed
+
     def row_tensors(self, adapter):
         tensors = {}
         for key in adapter.targets:
