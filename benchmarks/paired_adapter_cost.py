@@ -3,12 +3,14 @@ adapters alternate in the same engine, so a shared machine's slow drifts (which 
 throughput by +-15 % within minutes here) hit both sides of every pair alike. Complements `tenfold bench`, whose
 ratios compare separate engines minutes apart.
 
-    .venv/bin/python benchmarks/paired_adapter_cost.py [--families lorta,miss] [--pairs 6]
-        # -> benchmarks/results/paired_adapter_cost.json
+    .venv/bin/python benchmarks/paired_adapter_cost.py [--families lorta,miss] [--pairs 6] \
+        [--model random|smollm2|DIR] [--dtype float32|bfloat16] [--compiled]
+        # -> benchmarks/results/paired_adapter_cost.json (or --out)
 
 Each family runs in a fresh process (the engine core in-process, like `tenfold bench` offline). The workload is
-`tenfold bench`'s default: the benchmark model (float32), 64 requests x (32 prompt + 64 output) tokens, greedy,
-ignore_eos, adapters assigned uniformly. The engine has LoRA enabled in both halves of a pair; that this costs
+`tenfold bench`'s: 64 requests x (32 prompt + 64 output) tokens, greedy, ignore_eos, adapters assigned uniformly,
+on the random benchmark model in float32 and eager by default (the earlier tables), or `--model smollm2 --dtype
+bfloat16 --compiled` (the real model as users serve it, vLLM's CPU compilation on). The engine has LoRA enabled in both halves of a pair; that this costs
 nothing by itself (no adapter in the batch: the wrappers return at once) is the `base` vs `native` comparison of
 `tenfold bench`, within its noise.
 """
@@ -25,25 +27,25 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tenfold.bench.workload import (CPU_ENV, FAMILY_SETTINGS, Lengths, Popularity, build_model, machine_info,
-                                    make_requests, synth_adapters)
+from tenfold.bench.workload import (CPU_ENV, FAMILY_SETTINGS, RANDOM_MODEL, Lengths, Popularity, build_model,
+                                    machine_info, make_requests, resolve_model, synth_adapters)
 
 CACHE = Path("~/.cache/tenfold/bench").expanduser()
 ADAPTERS, REQUESTS, PROMPT, OUTPUT = 32, 64, 32, 64
 
 
-def measure(family: str, pairs: int) -> dict:
+def measure(family: str, pairs: int, model_name: str, dtype: str, compiled: bool) -> dict:
     """In this process: one engine, `pairs` pairs of (no adapters, adapters) batches after a warm-up of each."""
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    model = build_model(CACHE)
-    paths = synth_adapters(family, ADAPTERS, model, CACHE, "float32")
+    model = build_model(CACHE) if model_name == RANDOM_MODEL else resolve_model(model_name, CACHE)
+    paths = synth_adapters(family, ADAPTERS, model, CACHE, dtype)
     requests = make_requests(REQUESTS, ADAPTERS, Popularity(), Lengths(PROMPT, PROMPT), Lengths(OUTPUT, OUTPUT), 512,
                              None, seed=0)
     loras = [LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(paths)]
-    llm = LLM(model=str(model), dtype="float32", block_size=32, max_model_len=PROMPT + OUTPUT, max_num_seqs=REQUESTS,
-              enforce_eager=True, seed=0, enable_prefix_caching=False, enable_lora=True, max_loras=ADAPTERS,
+    llm = LLM(model=str(model), dtype=dtype, block_size=32, max_model_len=PROMPT + OUTPUT, max_num_seqs=REQUESTS,
+              enforce_eager=not compiled, seed=0, enable_prefix_caching=False, enable_lora=True, max_loras=ADAPTERS,
               max_cpu_loras=ADAPTERS, max_lora_rank=64)  # native slots are sized by each adapter, not by this
     prompts = [{"prompt_token_ids": r["prompt"]} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True) for r in requests]
@@ -63,7 +65,8 @@ def measure(family: str, pairs: int) -> dict:
     finally:
         llm.llm_engine.engine_core.shutdown()
     ratios = [a / b for a, b in zip(with_, without)]
-    return {"family": family, "settings": FAMILY_SETTINGS[family], "tok_s_without_adapters": without,
+    return {"family": family, "settings": FAMILY_SETTINGS[family], "model": str(model), "dtype": dtype,
+            "compiled": compiled, "tok_s_without_adapters": without,
             "tok_s_with_adapters": with_, "paired_ratios": ratios, "ratio_median": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios)}
 
@@ -72,18 +75,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default=",".join(FAMILY_SETTINGS))
     parser.add_argument("--pairs", type=int, default=6)
+    parser.add_argument("--model", default=RANDOM_MODEL, help="random (default), smollm2 or a model directory")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--compiled", action="store_true", help="vLLM's CPU compilation on (native mode keeps it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" /
                         "paired_adapter_cost.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: measure one family in this process
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child, args.pairs)))
+        print(json.dumps(measure(args.child, args.pairs, args.model, args.dtype, args.compiled)))
         return
     env = {**CPU_ENV, **os.environ, "TENFOLD_MODE": "native", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     rows = []
     for family in args.families.split(","):
-        done = subprocess.run([sys.executable, __file__, "--child", family, "--pairs", str(args.pairs)], env=env,
-                              capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, "--child", family, "--pairs", str(args.pairs), "--model",
+                               args.model, "--dtype", args.dtype, *(["--compiled"] if args.compiled else [])],
+                              env=env, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{family}: the run failed:\n{done.stderr[-3000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -88,7 +88,9 @@ def test_a_compiled_stack_follows_every_change_of_adapters_and_batch(name, specs
         tokens = 5 + 7 * step % 23
         slot_of_token = torch.randint(-1, SLOTS, (tokens,), generator=g)
         punica.token_lora_indices[:tokens] = slot_of_token
-        state.mapping_changed()
+        state.mapping_changed(tokens)
+        # the forward must use the hook's host copy, never read vLLM's (device) index tensor itself
+        punica.token_lora_indices.fill_(SLOTS + 100)
         x = torch.randn(tokens, spec.hidden_size, generator=g)
         with torch.inference_mode():
             got = compiled(x)

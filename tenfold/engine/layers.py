@@ -63,6 +63,8 @@ class NativeAdapterMixin:
                              f"has output slices {tuple(self.output_slices)}, but tenfold shards {sub_modules} as "
                              f"{expected} (rank {shard.rank}/{shard.size}); serve this model with TENFOLD_MODE=convert")
         self._native, self.layer_index = state, int(match.group(1))
+        # a row-parallel layer's output is whole after `apply` unless vLLM all-reduces it or returns its bias apart
+        self._reduces_output = self._row_parallel and (self.tp_size > 1 or bool(self.base_layer.skip_bias_add))
         self._module_name = module_name
         compiled_ops.register(self, module_name, sum(self.output_slices))
         starts = [sum(self.output_slices[:i]) for i in range(len(self.output_slices))]
@@ -97,7 +99,10 @@ class NativeAdapterMixin:
                                self._frozen_weight)
         return output
 
-    _reduces_output = False  # whether vLLM all-reduces this layer's output after `apply` (row-parallel layers)
+    _row_parallel = False
+    # whether updates that read the whole output wait until after `apply` (vLLM's all-reduce, or a bias returned
+    # apart): fixed when the layer is bound, so a compiled graph holds the second op only where it is needed
+    _reduces_output = False
 
     def add_reduced_updates(self, output: torch.Tensor, bias: torch.Tensor | None) -> None:
         """Adds, in place, the step's updates that read this layer's whole output [T, out] (+ its separately
@@ -142,10 +147,12 @@ class NativeMergedQKVParallelLinear(NativeAdapterMixin, MergedQKVParallelLinearW
 
 
 class NativeRowParallelLinear(NativeAdapterMixin, RowParallelLinearWithLoRA):
-    _reduces_output = True
+    _row_parallel = True
 
     def forward(self, input_):
         result = super().forward(input_)  # apply (the partial updates of this rank), then vLLM's all-reduce
+        if not self._reduces_output:  # `apply` added every update already
+            return result
         output, bias = result if isinstance(result, tuple) else (result, None)
         out2 = output.flatten(0, 1) if output.ndim == 3 else output
         if torch.compiler.is_compiling():  # bound: `apply` above checked

@@ -748,7 +748,7 @@ def _patch_native_execution() -> None:
         original_set_mapping(self, mapping)
         native = getattr(self, "_tenfold_native", None)
         if native is not None:
-            native.mapping_changed()
+            native.mapping_changed(len(mapping.index_mapping))
 
     def create_dummy_lora(self, lora_id, rank, embedding_modules=None):
         if getattr(self, "_tenfold_native", None) is not None:
