@@ -8,7 +8,7 @@ CPU_ENV = VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_B
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh $(VENV) cpu,test,bench,model
+	bash scripts/setup.sh $(VENV) cpu,test,bench,model,ray
 	touch $@
 
 test: setup

@@ -58,7 +58,7 @@ def model_name(request) -> str:
 # run. With CI=true (or TENFOLD_STRICT_TESTS=1) the session fails when either cannot be imported, and when any test
 # is skipped for a reason not listed here.
 STRICT = os.environ.get("CI", "").lower() in ("true", "1", "yes") or os.environ.get("TENFOLD_STRICT_TESTS") == "1"
-REQUIRED_IMPORTS = tuple(os.environ.get("TENFOLD_CI_REQUIRED_IMPORTS", "vllm,triton").split(","))  # env: for its test
+REQUIRED_IMPORTS = tuple(os.environ.get("TENFOLD_CI_REQUIRED_IMPORTS", "vllm,triton,ray").split(","))  # env: for its test
 ACCEPTED_SKIP_REASONS = ("needs CUDA", "needs a GPU")  # hardware CI machines do not have
 _unaccepted_skips: list[tuple[str, str]] = []
 

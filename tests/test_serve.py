@@ -33,13 +33,16 @@ def server(tiny_model_dirs, specs, tmp_path_factory):
     (root / "broken" / "adapter_config.json").write_text("{")
     big = make("lora", spec, seed=205, r=32)
     save_adapter(big, root / "huge")
-    for i in range(5):  # more adapters than the workers' cache holds (--max-cpu-loras 4)
+    for i in range(6):  # more adapters than the workers' cache holds (--max-cpu-loras 6)
         save_adapter(make("lorta_qv", spec, seed=300 + i), root / f"evict{i}")
+        save_adapter(make("lora", spec, seed=320 + i), root / f"churn{i}")
+    adapters["keep"] = make("miss", spec, seed=330)
+    save_adapter(adapters["keep"], root / "keep")
     log = tmp_path_factory.mktemp("log") / "serve.log"
     grpc_port = free_port()
     # a size limit between the small adapters (< 0.5 MB) and the rank-32 LoRA on all modules (1.7 MB)
     with tenfold_server(tiny_model_dirs["mha"], log, "--adapter", f"support={static / 'support'}",
-                        "--adapter-root", root, "--api-key", KEY, "--grpc-port", grpc_port, "--max-cpu-loras", 4,
+                        "--adapter-root", root, "--api-key", KEY, "--grpc-port", grpc_port, "--max-cpu-loras", 6,
                         env={"TENFOLD_MAX_ADAPTER_BYTES": "1000000"}) as running:
         client = openai.OpenAI(base_url=f"{running['url']}/v1", api_key="unused", max_retries=0, timeout=120)
         yield {**running, "client": client, "adapters": adapters, "root": root, "grpc": f"127.0.0.1:{grpc_port}"}
@@ -198,6 +201,8 @@ def test_grpc_admin_and_errors(stub):
         with pytest.raises(grpc.RpcError) as info:
             client.LoadAdapter(pb.LoadAdapterRequest(name=name), metadata=auth, timeout=120)
         assert info.value.code() == code, (name, info.value.details())
+    assert client.PinAdapter(pb.PinAdapterRequest(name="late"), metadata=auth, timeout=120).pinned
+    client.UnpinAdapter(pb.PinAdapterRequest(name="late"), metadata=auth, timeout=60)
     client.UnloadAdapter(pb.UnloadAdapterRequest(name="late"), metadata=auth, timeout=60)
     with pytest.raises(grpc.RpcError) as info:
         client.UnloadAdapter(pb.UnloadAdapterRequest(name="late"), metadata=auth, timeout=60)
@@ -241,6 +246,12 @@ def value(samples, name, **labels):
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def evicted(samples) -> float:
+    """Every adapter's evictions from the workers' cache, summed from the per-adapter counters."""
+    return sum(v for (name, labels), v in samples.items() if name == "tenfold_adapter_tier_exits_total"
+               and ("reason", "evicted") in labels and ("tier", "host") in labels)
+
+
 def test_metrics_count_the_traffic(server):
     labels = {"adapter": "support", "family": "lorta"}
     before = scrape(server)
@@ -269,9 +280,15 @@ def test_metrics_count_loads_and_unloads(server):
     url = f"{server['url']}/v1/adapters"
     assert httpx.post(url, json={"name": "legal2", "path": str(server["root"] / "legal")}, headers=ADMIN,
                       timeout=120).status_code == 200
-    resident_loaded = value(scrape(server), "tenfold_resident_adapters", tier="worker_cache")
+    loaded = scrape(server)
+    resident_loaded = value(loaded, "tenfold_resident_adapters", tier="worker_cache")
+    assert value(loaded, "tenfold_adapter_resident", adapter="legal2", family="miss", tier="host") == 1
+    assert value(loaded, "tenfold_adapter_resident_bytes", adapter="legal2", family="miss", tier="host") == (
+        server["adapters"]["legal"].nbytes())
     assert httpx.delete(f"{url}/legal2", headers=ADMIN).status_code == 200
     after = scrape(server)
+    assert value(after, "tenfold_adapter_resident", adapter="legal2", family="miss", tier="host") == 0
+    assert value(after, "tenfold_adapter_tier_exits_total", adapter="legal2", tier="host", reason="unloaded") == 1
     assert value(after, "tenfold_adapter_loads_total", family="miss") - value(
         before, "tenfold_adapter_loads_total", family="miss") == 1
     assert value(after, "tenfold_adapter_load_seconds_count", family="miss") - value(
@@ -347,12 +364,55 @@ def test_more_bad_inputs_keep_the_server_serving(server, tmp_path):
 
 
 def test_metrics_count_evictions(server):
-    """Using more adapters than the workers' cache holds evicts the least recently used ones; evictions are counted
-    when /metrics is scraped (an adapter loaded and evicted between two scrapes is not seen)."""
+    """Using more adapters than the workers' cache holds evicts the least recently used ones. The workers count each
+    adapter's tier entries and exits as they happen, so one scrape after the traffic sees every eviction."""
     before = scrape(server)
-    for i in range(5):
+    for i in range(6):
         completion_tokens(server["client"], f"evict{i}", [5, 6, 7], n=2)
-        scrape(server)
     after = scrape(server)
-    assert value(after, "tenfold_adapter_evictions_total") - value(before, "tenfold_adapter_evictions_total") >= 4
-    assert value(after, "tenfold_resident_adapters", tier="worker_cache") <= 4
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert [delta("tenfold_adapter_tier_entries_total", adapter=f"evict{i}", tier="host") for i in range(6)] == [1] * 6
+    # the cache (6) held adapters of earlier tests ('support' at least): the six new ones pushed them out
+    assert evicted(after) - evicted(before) >= 1
+    assert delta("tenfold_adapter_evictions_total") == evicted(after) - evicted(before)
+    assert value(after, "tenfold_adapter_resident", adapter="evict5", family="lorta", tier="host") == 1
+    assert value(after, "tenfold_resident_adapters", tier="worker_cache") <= 6
+    assert "vllm:lora_requests_info" in {name for name, _ in after}, "vLLM's own LoRA metric stays as vLLM exports it"
+
+
+def test_pinned_adapter_survives_eviction_pressure(server, hf_models):
+    url = f"{server['url']}/v1/adapters"
+    assert httpx.post(f"{url}/keep/pin", timeout=120).status_code == 401
+    pinned = httpx.post(f"{url}/keep/pin", headers=ADMIN, timeout=120)  # loads it by name from the adapter root
+    assert pinned.status_code == 200 and pinned.json()["pinned"] and "host" in pinned.json()["tiers"]
+    before = scrape(server)
+    for i in range(6):  # six more adapters through a 6-entry cache
+        completion_tokens(server["client"], f"churn{i}", [7, 8, 9], n=2)
+    after = scrape(server)
+    assert value(after, "tenfold_adapter_resident", adapter="keep", family="miss", tier="host") == 1
+    assert value(after, "tenfold_adapter_tier_exits_total", adapter="keep", tier="host", reason="evicted") == 0
+    assert value(after, "tenfold_adapter_pinned", adapter="keep", family="miss") == 1
+    assert evicted(after) - evicted(before) >= 1, "the others were evicted around the pin"
+    prompt = random_prompts(1, seed=231)[0]
+    expected = greedy_reference(hf_models["mha"], prompt, 8, server["adapters"]["keep"])[0]
+    assert completion_tokens(server["client"], "keep", prompt, n=8) == expected
+
+
+def test_pinning_more_than_fits_is_refused(server):
+    url = f"{server['url']}/v1/adapters"
+    httpx.post(f"{url}/keep/pin", headers=ADMIN, timeout=120)  # idempotent: pinned or not before
+    assert httpx.post(f"{url}/churn0/pin", headers=ADMIN, timeout=120).status_code == 200
+    refused = httpx.post(f"{url}/churn1/pin", headers=ADMIN, timeout=120)  # a 6-entry cache, 4 slots: 2 pins
+    assert refused.status_code == 409 and "--max-cpu-loras 6" in refused.text, refused.text
+    assert httpx.post(f"{url}/base/pin", headers=ADMIN, timeout=120).status_code == 400
+    for name in ("churn3", "churn4", "churn2", "churn1", "churn5"):  # the four entries left serve the others
+        assert completion_tokens(server["client"], name, [5, 6, 7], n=2)
+    for name in ("keep", "churn0"):
+        assert httpx.delete(f"{url}/{name}/pin", headers=ADMIN, timeout=60).status_code == 200
+    assert httpx.delete(f"{url}/keep/pin", headers=ADMIN, timeout=60).status_code == 404
+    listing = {a["name"]: a for a in httpx.get(url, headers=ADMIN).json()["adapters"]}
+    assert not any(a["pinned"] for a in listing.values())
+    assert value(scrape(server), "tenfold_adapter_pinned", adapter="keep", family="miss") == 0

@@ -145,13 +145,28 @@ class AdapterFacts:
     tensor_parallel_size: int = 1
 
 
+NATIVE_DTYPE_ENV = "TENFOLD_NATIVE_CPU_DTYPE"  # float32, or model: the served model's dtype
+
+
+def native_cpu_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of native slot tables and adapter arithmetic on CPU: fp32 (tenfold's default: CPUs without
+    AVX512-BF16 emulate bf16 matmuls slowly), or the model's dtype with TENFOLD_NATIVE_CPU_DTYPE=model."""
+    import os
+
+    choice = os.environ.get(NATIVE_DTYPE_ENV, "float32")
+    if choice not in ("float32", "model"):
+        raise ValueError(f"{NATIVE_DTYPE_ENV}={choice!r}: expected float32 or model")
+    return model_dtype if choice == "model" else torch.float32
+
+
 def _worker_dtype(spec: ModelSpec) -> torch.dtype:
-    """What the workers store adapters in: native slot tables are fp32 on CPU (tenfold's choice: the CPU's bf16
-    matmuls are slow) and vLLM's LoRA dtype elsewhere, which follows the model's dtype; vLLM's LoRA tensors (convert
-    mode) are in the LoRA dtype on every device."""
+    """What the workers store adapters in: native slot tables on CPU as `native_cpu_dtype` says, and vLLM's LoRA
+    dtype elsewhere, which follows the model's dtype; vLLM's LoRA tensors (convert mode) are in the LoRA dtype on
+    every device."""
+    model_dtype = spec.dtype if spec.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
     if execution_mode_is_native() and _on_cpu():
-        return torch.float32
-    return spec.dtype if spec.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        return native_cpu_dtype(model_dtype)
+    return model_dtype
 
 
 def execution_mode_is_native() -> bool:

@@ -30,6 +30,11 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
    stays on (the wrappers keep each step's adapters out of the traced graph, `compiled_ops.py`). On other devices
    native mode refuses to start without --enforce-eager (CUDA graphs are not supported yet). Convert mode keeps
    vLLM's behaviour.
+11. Residency and pins: every worker keeps a `residency.ResidencyLedger` of which adapter (by name) sits in a device
+   slot or the host cache, updated after each step's activations, each load and each unload, and applies pins by
+   name (in the host cache) to every version of a pinned adapter as it arrives; `tenfold_residency` and `tenfold_pin`
+   are worker methods the server calls through `collective_rpc` (vLLM 0.32 pins by engine id only, in both tiers, and
+   cannot unpin).
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ def apply() -> None:
     _patch_native_execution()
     _patch_adapter_lifecycle()
     _patch_compilation()
+    _patch_residency()
     _applied = True
     logger.debug("tenfold: vLLM %s patched", SUPPORTED_VLLM_VERSION)
 
@@ -640,6 +646,7 @@ def _patch_native_execution() -> None:
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     from .adapter_memory import AdapterMemoryError, budget_from_env, engine_budget, gib, stock_lora_bytes
+    from .loader import native_cpu_dtype
     from .layers import NATIVE_LAYER_CLASSES, NativeAdapterMixin
     from .mode import execution_mode
     from .native_model import NativeLoRAModel
@@ -671,7 +678,8 @@ def _patch_native_execution() -> None:
             raise ValueError(f"tenfold native mode cannot adapt {others[:4]}: no tenfold wrapper claimed them; serve "
                              f"this model with TENFOLD_MODE=convert")
         spec = served_spec_of_model(self.model)
-        dtype = torch.float32 if self.device.type == "cpu" else self.lora_config.lora_dtype
+        dtype = native_cpu_dtype(self.lora_config.lora_dtype) if self.device.type == "cpu" else (
+            self.lora_config.lora_dtype)
         first = next(iter(wrappers.values()), None)
         try:  # this worker's tensor-parallel part of every layer, as the wrappers hold it
             shard = Shard(spec, first.tp_rank, first.tp_size) if first is not None else Shard(spec)
@@ -816,3 +824,96 @@ def instrument_engine_client(engine_client, on_request, on_load, on_unload) -> N
     engine_client.generate = instrumented_generate
     engine_client.add_lora = instrumented_add_lora
     engine_client.remove_lora = instrumented_remove_lora
+
+
+# --- 11: residency ledger and pins in every worker ------------------------------------------------------------------
+def _patch_residency() -> None:
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from .residency import PinError, ResidencyLedger, pin_capacity
+
+    def ledger(manager) -> ResidencyLedger:
+        book = manager.__dict__.get("_tenfold_residency")
+        if book is None:
+            book = manager._tenfold_residency = ResidencyLedger()
+        return book
+
+    def observe(manager) -> None:
+        adapters = manager._adapter_manager
+        ledger(manager).observe(adapters._registered_adapters.cache.keys(), adapters._active_adapters.cache.keys())
+
+    def pin_resident(manager, engine_ids) -> None:
+        # the host cache only (not vLLM's pin_adapter, which also holds a device slot: residency.py says why)
+        cache = manager._adapter_manager._registered_adapters
+        for engine_id in engine_ids:
+            if engine_id in cache:
+                cache.pin(engine_id)
+
+    def unpin(manager, engine_ids) -> None:
+        cache = manager._adapter_manager._registered_adapters
+        for engine_id in engine_ids:
+            if engine_id in cache.pinned_items:
+                cache._unpin(engine_id)
+
+    patched_add, patched_apply = LRUCacheWorkerLoRAManager.add_adapter, LRUCacheWorkerLoRAManager._apply_adapters
+    original_remove = WorkerLoRAManager.remove_adapter
+
+    def add_adapter(self, lora_request):
+        book = ledger(self)
+        book.named(lora_request.lora_int_id, lora_request.lora_name)
+        loaded = patched_add(self, lora_request)
+        if book.pinned_names and lora_request.lora_name in book.pinned_names:
+            pin_resident(self, [lora_request.lora_int_id])  # a new version of a pinned name
+        if not self.__dict__.get("_tenfold_applying"):  # a step observes once, after all its adapters
+            observe(self)
+        return loaded
+
+    def _apply_adapters(self, lora_requests):
+        self._tenfold_applying = True
+        try:
+            return patched_apply(self, lora_requests)
+        finally:
+            self._tenfold_applying = False
+            observe(self)
+
+    def remove_adapter(self, adapter_id):
+        ledger(self).unloading([adapter_id])
+        try:
+            return original_remove(self, adapter_id)
+        finally:
+            observe(self)
+
+    def lora_manager(worker):
+        manager = getattr(worker.model_runner, "lora_manager", None)
+        if manager is None:
+            raise RuntimeError("this engine was started without LoRA (--enable-lora): it has no adapter residency")
+        return manager
+
+    def tenfold_residency(self) -> dict:
+        manager = lora_manager(self)
+        observe(manager)
+        adapters = manager._adapter_manager
+        return ledger(manager).snapshot(adapters.lora_slots, adapters.capacity)
+
+    def tenfold_pin(self, name: str, pinned: bool) -> dict:
+        manager = lora_manager(self)
+        book, adapters = ledger(manager), manager._adapter_manager
+        engine_ids = [i for i, n in book.names.items() if n == name]
+        if pinned:
+            if name not in book.pinned_names and len(book.pinned_names) >= pin_capacity(adapters.lora_slots,
+                                                                                        adapters.capacity):
+                raise PinError(f"cannot pin {name!r}: {len(book.pinned_names)} adapters are pinned and the workers' "
+                               f"cache holds {adapters.capacity}, of which one step's {adapters.lora_slots} stay free")
+            book.pinned_names.add(name)
+            pin_resident(manager, engine_ids)
+        else:
+            book.pinned_names.discard(name)
+            unpin(manager, engine_ids)
+        return tenfold_residency(self)
+
+    LRUCacheWorkerLoRAManager.add_adapter = add_adapter
+    LRUCacheWorkerLoRAManager._apply_adapters = _apply_adapters
+    WorkerLoRAManager.remove_adapter = remove_adapter
+    WorkerBase.tenfold_residency = tenfold_residency
+    WorkerBase.tenfold_pin = tenfold_pin

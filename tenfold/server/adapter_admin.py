@@ -51,13 +51,19 @@ class AdapterAdmin:
     def models(self):
         return self.state.openai_serving_models
 
-    async def describe(self, lora) -> dict:
+    async def residency(self) -> dict:
+        """The workers' residency ledger (rank 0's: every tensor-parallel rank holds the same adapters)."""
+        return (await self.state.engine_client.collective_rpc("tenfold_residency"))[0]
+
+    async def describe(self, lora, residency: dict | None = None) -> dict:
         from ..engine.loader import adapter_facts
         from ..engine.vllm_compat import served_spec
 
-        resident = await self.state.engine_client.list_loras()
+        residency = residency or await self.residency()
+        held = residency["adapters"].get(lora.lora_name, {})
         facts = {"name": lora.lora_name, "path": lora.lora_path,
-                 "residency": "worker" if lora.lora_int_id in resident else "registered"}
+                 "residency": "worker" if held.get("tiers") else "registered", "tiers": held.get("tiers", []),
+                 "pinned": lora.lora_name in residency["pinned"]}
         try:
             adapter = adapter_facts(lora.lora_path, served_spec(self.state.vllm_config))
             facts.update(family=adapter.family, rank=adapter.rank, params=adapter.params, bytes=adapter.nbytes)
@@ -66,7 +72,33 @@ class AdapterAdmin:
         return facts
 
     async def list(self) -> list[dict]:
-        return [await self.describe(lora) for lora in list(self.models.lora_requests.values())]
+        residency = await self.residency()
+        return [await self.describe(lora, residency) for lora in list(self.models.lora_requests.values())]
+
+    async def pin(self, name: str) -> dict:
+        """Loads the adapter into the workers (by name from the adapter root if needed) and pins it in their cache:
+        no eviction drops it (it never has to be read from disk again) until it is unpinned or unloaded."""
+        from ..engine.residency import pin_capacity
+
+        lora = await self.lora_request(name)
+        if lora is None:
+            raise AdminError(HTTPStatus.BAD_REQUEST, "the base model is always resident; only adapters are pinned")
+        residency = await self.residency()
+        pinned, slots, cache = residency["pinned"], residency["device_slots"], residency["host_capacity"]
+        if name not in pinned and len(pinned) >= pin_capacity(slots, cache):
+            raise AdminError(HTTPStatus.CONFLICT,
+                             f"cannot pin {name!r}: {len(pinned)} adapters are pinned ({', '.join(pinned) or '-'}) and "
+                             f"the workers' cache (--max-cpu-loras {cache}) must keep room for one step's adapters "
+                             f"(--max-loras {slots}) beside the pins; unpin one or raise --max-cpu-loras")
+        await self.state.engine_client.add_lora(lora)  # resident in the workers before the pin
+        residency = (await self.state.engine_client.collective_rpc("tenfold_pin", args=(name, True)))[0]
+        return await self.describe(lora, residency)
+
+    async def unpin(self, name: str) -> None:
+        residency = await self.residency()
+        if name not in residency["pinned"]:
+            raise AdminError(HTTPStatus.NOT_FOUND, f"adapter {name!r} is not pinned")
+        await self.state.engine_client.collective_rpc("tenfold_pin", args=(name, False))
 
     async def load(self, name: str, path: str | None = None) -> dict:
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
@@ -84,6 +116,8 @@ class AdapterAdmin:
 
         if name not in self.models.lora_requests:
             raise AdminError(HTTPStatus.NOT_FOUND, f"adapter {name!r} is not loaded")
+        if name in (await self.residency())["pinned"]:  # an unloaded name is not pinned when it loads again
+            await self.state.engine_client.collective_rpc("tenfold_pin", args=(name, False))
         result = await self.models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
         if not isinstance(result, str):
             raise AdminError(HTTPStatus(result.error.code), result.error.message)

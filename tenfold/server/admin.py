@@ -2,7 +2,7 @@
 protection of admin routes, and path/name rules for vLLM's own /v1/load_lora_adapter.
 
 Status codes: 400 unusable adapter or malformed request, 401 missing/wrong key, 404 unknown adapter or path,
-409 name already loaded, 413 adapter over the size limit.
+409 name already loaded or no room to pin, 413 adapter over the size limit.
 """
 
 from __future__ import annotations
@@ -53,6 +53,21 @@ def install(app: FastAPI, admin: AdapterAdmin, residency=None) -> None:
         except AdminError as e:
             return error(e.status, str(e))
         return {"unloaded": name}
+
+    @router.post("/v1/adapters/{name}/pin")
+    async def pin(name: str):
+        try:
+            return await admin.pin(name)
+        except AdminError as e:
+            return error(e.status, str(e))
+
+    @router.delete("/v1/adapters/{name}/pin")
+    async def unpin(name: str):
+        try:
+            await admin.unpin(name)
+        except AdminError as e:
+            return error(e.status, str(e))
+        return {"unpinned": name}
 
     @router.get("/v1/models")
     async def list_models():

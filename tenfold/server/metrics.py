@@ -1,16 +1,16 @@
 """Per-adapter and per-family Prometheus metrics, exported on vLLM's /metrics beside vLLM's own.
 
 Request metrics are observed around the engine client's `generate` (so HTTP and gRPC traffic both count); load and
-unload metrics around `add_lora` / `remove_lora`; residency is refreshed from the engine on every /metrics scrape,
-which is also when evictions (adapters that left the workers' cache without an unload) are counted: the workers
-evict in their own processes, so an adapter loaded and evicted between two scrapes is not seen.
+unload metrics around `add_lora` / `remove_lora`; residency per adapter and tier (device slot, host cache), pins,
+tier entries and exits come from the workers' residency ledger, read at every /metrics scrape (`ResidencyTracker`).
+vLLM's own `vllm:lora_requests_info` is left as vLLM exports it.
 """
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BASE = "base"
@@ -26,12 +26,9 @@ E2E = Histogram("tenfold_adapter_e2e_request_latency_seconds", "End-to-end reque
 LOADS = Counter("tenfold_adapter_loads", "Adapter loads into the engine", ["family"])
 LOAD_FAILURES = Counter("tenfold_adapter_load_failures", "Adapter loads the engine refused")
 UNLOADS = Counter("tenfold_adapter_unloads", "Adapters removed from the engine")
-EVICTIONS = Counter("tenfold_adapter_evictions", "Adapters that left the workers' cache without an unload")
 LOAD_LATENCY = Histogram("tenfold_adapter_load_seconds", "Adapter load latency", ["family"], buckets=LATENCY_BUCKETS)
-RESIDENT = Gauge("tenfold_resident_adapters", "Adapters per tier (registered names; workers' cache)", ["tier"])
 VERSIONS = Gauge("tenfold_adapter_versions", "Adapter versions the engine holds: each loaded adapter's current one, "
                  "plus retired ones (unloaded or rewritten) that requests in flight still use")
-RESIDENT_BYTES = Gauge("tenfold_resident_adapter_bytes", "Bytes of adapter weights per tier", ["tier"])
 
 
 def family_of(lora_request, spec) -> str:
@@ -88,37 +85,99 @@ class LoadTracker:
 
 
 class ResidencyTracker:
-    """Refreshes the residency gauges from the engine and counts evictions."""
+    """Reads the workers' residency ledger (`engine/residency.py`) at every /metrics scrape and exports it per adapter:
+    the ledger is updated by the workers as adapters move, so the scrape sees the state at that moment and the
+    cumulative tier entries and exits in between (an adapter loaded and evicted between two scrapes is counted)."""
 
-    def __init__(self, admin, spec):
-        self.admin, self.spec = admin, spec
-        self.previous: set[int] = set()
-        self.unloaded: set[int] = set()
+    def __init__(self, spec, tensor_parallel_size: int = 1):
+        self.spec, self.tensor_parallel_size = spec, tensor_parallel_size
+        self.admin = None  # set once the admin exists (it needs the app state the tracker's engine client feeds)
+        self.snapshot: dict | None = None
+        self.facts: dict[str, tuple[str, int, int]] = {}  # name -> (family, own bytes, worker bytes)
+        for previous in _collectors:  # one exporter per process: the newest engine's
+            REGISTRY.unregister(previous)
+        REGISTRY.register(self)
+        _collectors[:] = [self]
 
     def note_unload(self, lora_id: int) -> None:
         UNLOADS.inc()
-        self.unloaded.add(lora_id)
 
-    async def refresh(self) -> None:
+    def _facts(self, name: str, lora) -> tuple[str, int, int] | None:
         from ..engine.loader import adapter_facts
 
+        if lora is not None:
+            try:
+                facts = adapter_facts(lora.lora_path, self.spec, tensor_parallel_size=self.tensor_parallel_size)
+                self.facts[name] = (facts.family, facts.nbytes, facts.worker_bytes)
+            except Exception:  # an adapter that went bad on disk keeps the facts it was served with
+                pass
+        return self.facts.get(name)
+
+    async def refresh(self) -> None:
         engine_client = self.admin.state.engine_client
-        resident = set(await engine_client.list_loras())
+        snapshot = await self.admin.residency()
         versions = getattr(engine_client, "_tenfold_versions", None)
         VERSIONS.set(versions.live_versions() if versions is not None else 0)
-        EVICTIONS.inc(len(self.previous - resident - self.unloaded))
-        self.previous, self.unloaded = resident, set()
-        registered = list(self.admin.models.lora_requests.values())
-        tensor_parallel_size = self.admin.state.vllm_config.parallel_config.tensor_parallel_size
-        sizes = {}
-        for lora in registered:
-            try:
-                facts = adapter_facts(lora.lora_path, self.spec, tensor_parallel_size=tensor_parallel_size)
-            except Exception:
-                continue
-            sizes[lora.lora_int_id] = (facts.nbytes, facts.worker_bytes)
-        RESIDENT.labels("registered").set(len(registered))
-        RESIDENT.labels("worker_cache").set(len(resident))
-        RESIDENT_BYTES.labels("registered").set(sum(own for own, _ in sizes.values()))
-        # native: the adapter's slot-table row; convert: its converted LoRA factors
-        RESIDENT_BYTES.labels("worker_cache").set(sum(sizes[i][1] for i in resident if i in sizes))
+        registered = dict(self.admin.models.lora_requests)
+        for name in set(registered) | set(snapshot["adapters"]):
+            self._facts(name, registered.get(name))
+        snapshot["registered"] = sorted(registered)
+        self.snapshot = snapshot
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snapshot = self.snapshot
+        if snapshot is None:
+            return
+        held = snapshot["adapters"]
+        resident = GaugeMetricFamily("tenfold_adapter_resident", "1 while the adapter is in the tier: device (an "
+                                     "adapter slot) or host (the workers' adapter cache)",
+                                     labels=["adapter", "family", "tier"])
+        pinned = GaugeMetricFamily("tenfold_adapter_pinned", "1 while the adapter is pinned (never evicted)",
+                                   labels=["adapter", "family"])
+        nbytes = GaugeMetricFamily("tenfold_adapter_resident_bytes", "Bytes the adapter takes in the tier while "
+                                   "resident: host its own factors, device its slot-table row (native) or LoRA factors "
+                                   "(convert)", labels=["adapter", "family", "tier"])
+        counts = {tier: 0 for tier in TIER_NAMES}
+        tier_bytes = {tier: 0 for tier in TIER_NAMES}
+        for name in sorted(set(snapshot["registered"]) | set(held)):
+            family, own, worker = self.facts.get(name, ("unknown", 0, 0))
+            tiers = held.get(name, {}).get("tiers", [])
+            for tier in TIER_NAMES:
+                present = tier in tiers
+                resident.add_metric([name, family, tier], float(present))
+                if present:
+                    size = own if tier == "host" else worker
+                    nbytes.add_metric([name, family, tier], size)
+                    counts[tier] += 1
+                    tier_bytes[tier] += size
+            pinned.add_metric([name, family], float(name in snapshot["pinned"]))
+        entries = CounterMetricFamily("tenfold_adapter_tier_entries", "Times the adapter entered the tier (a load into "
+                                      "the host cache, an activation into a device slot)", labels=["adapter", "tier"])
+        for name, tier, n in snapshot["entries"]:
+            entries.add_metric([name, tier], n)
+        exits = CounterMetricFamily("tenfold_adapter_tier_exits", "Times the adapter left the tier, by reason: evicted "
+                                    "(to make room) or unloaded", labels=["adapter", "tier", "reason"])
+        evicted = 0
+        for name, tier, reason, n in snapshot["exits"]:
+            exits.add_metric([name, tier, reason], n)
+            evicted += n if (tier, reason) == ("host", "evicted") else 0
+        evictions = CounterMetricFamily("tenfold_adapter_evictions", "Adapters evicted from the workers' adapter cache "
+                                        "(host tier) to make room")
+        evictions.add_metric([], evicted)
+        totals = GaugeMetricFamily("tenfold_resident_adapters", "Adapters per tier: registered names, the workers' "
+                                   "adapter cache (worker_cache), adapter slots (device)", labels=["tier"])
+        totals.add_metric(["registered"], len(snapshot["registered"]))
+        totals.add_metric(["worker_cache"], counts["host"])
+        totals.add_metric(["device"], counts["device"])
+        total_bytes = GaugeMetricFamily("tenfold_resident_adapter_bytes", "Bytes of adapter weights per tier",
+                                        labels=["tier"])
+        total_bytes.add_metric(["registered"], sum(self.facts.get(n, ("", 0, 0))[1] for n in snapshot["registered"]))
+        total_bytes.add_metric(["worker_cache"], tier_bytes["host"])
+        total_bytes.add_metric(["device"], tier_bytes["device"])
+        yield from (resident, pinned, nbytes, entries, exits, evictions, totals, total_bytes)
+
+
+TIER_NAMES = ("device", "host")
+_collectors: list[ResidencyTracker] = []

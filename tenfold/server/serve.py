@@ -13,7 +13,7 @@ from ..engine.adapter_memory import ENV as MEMORY_ENV, parse_gib
 from ..engine.mode import ENV as MODE_ENV
 from ..engine.mode import MODES
 from ..engine.resolver import ROOT_ENV, InvalidAdapterName, adapter_path
-from .adapter_admin import AdapterAdmin, ServeSettings
+from .adapter_admin import AdapterAdmin, AdminError, ServeSettings
 from .admin import install
 
 GRPC_GRACE_SECONDS = 10
@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="base model: a HuggingFace directory (or hub id when online)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="serve an adapter from start-up (repeatable); PATH may be outside --adapter-root")
+    parser.add_argument("--pin", action="append", default=[], metavar="NAME",
+                        help="pin an adapter (a --adapter name or one under --adapter-root) from start-up: loaded and "
+                             "never evicted from the workers' cache (repeatable; at most --max-cpu-loras minus "
+                             "--max-loras)")
     parser.add_argument("--adapter-root", type=Path, help="directory whose sub-directories load by name on first use")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -42,6 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "frozen-weight copies (default: twice what vLLM's LoRA reserves for --max-loras and "
                              "--max-lora-rank, at least 0.5); a load that does not fit is refused; sets "
                              "TENFOLD_ADAPTER_MEMORY")
+    cluster = parser.add_argument_group("replicas on Ray Serve (the ray extra)")
+    cluster.add_argument("--replicas", type=int, default=0, metavar="N",
+                         help="run N engines as Ray Serve replicas behind one ingress on --host/--port, requests "
+                              "routed to a replica that holds their adapter (default 0: one engine in this process)")
+    cluster.add_argument("--ray-address", help="an existing Ray cluster (default: start Ray on this machine)")
+    cluster.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves (default 1)")
+    cluster.add_argument("--replica-max-ongoing", type=int, default=64, metavar="N",
+                         help="requests Serve sends one replica at once: its engine batches them (default 64)")
+    cluster.add_argument("--no-affinity", action="store_true",
+                         help="route requests to any replica (each loads what it is asked for); for comparison")
+    cluster.add_argument("--replica-log-dir", help="each replica's engine log (default: a new temporary directory)")
 
 
 def static_adapters(specs: list[str]) -> list[tuple[str, str]]:
@@ -74,6 +89,10 @@ def vllm_argv(args, passthrough: list[str]) -> list[str]:
 
 
 def run(args, passthrough: list[str]) -> int:
+    if args.replicas:
+        from ..cluster.launch import run as run_cluster
+
+        return run_cluster(args, passthrough)
     if args.adapter_root is not None:
         if not args.adapter_root.is_dir():
             raise SystemExit(f"tenfold serve: --adapter-root {args.adapter_root} is not a directory")
@@ -95,11 +114,11 @@ def run(args, passthrough: list[str]) -> int:
                              adapter_root=args.adapter_root.resolve() if args.adapter_root else None)
     import uvloop
 
-    uvloop.run(_serve(vllm_args, settings, args.grpc_port))
+    uvloop.run(_serve(vllm_args, settings, args.grpc_port, args.pin))
     return 0
 
 
-async def _serve(vllm_args, settings: ServeSettings, grpc_port: int) -> None:
+async def _serve(vllm_args, settings: ServeSettings, grpc_port: int, pins: list[str]) -> None:
     from vllm import envs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
@@ -115,6 +134,11 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int) -> None:
         admin = AdapterAdmin(app.state, settings)
         residency.admin = admin
         install(app, admin, residency)
+        for name in pins:
+            try:
+                await admin.pin(name)
+            except AdminError as e:
+                raise SystemExit(f"tenfold serve: --pin {name}: {e}") from None
         grpc_server = None
         if grpc_port:
             from .grpc.servicer import start
@@ -141,7 +165,7 @@ def _instrument(engine_client):
     from . import metrics
 
     spec = served_spec(engine_client.vllm_config)
-    residency = metrics.ResidencyTracker(None, spec)
+    residency = metrics.ResidencyTracker(spec, engine_client.vllm_config.parallel_config.tensor_parallel_size)
     instrument_engine_client(
         engine_client,
         on_request=lambda lora, params: metrics.RequestTracker(lora, spec,

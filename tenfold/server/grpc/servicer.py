@@ -129,10 +129,29 @@ class TenfoldServicer(services.TenfoldServicer):
             await self._abort(context, e)
         return pb.UnloadAdapterResponse()
 
+    async def PinAdapter(self, request, context):
+        try:
+            denied = self._authorize(context, admin_call=True)
+            if denied:
+                raise denied
+            return _adapter(await self.admin.pin(request.name))
+        except AdminError as e:
+            await self._abort(context, e)
+
+    async def UnpinAdapter(self, request, context):
+        try:
+            denied = self._authorize(context, admin_call=True)
+            if denied:
+                raise denied
+            await self.admin.unpin(request.name)
+        except AdminError as e:
+            await self._abort(context, e)
+        return pb.UnpinAdapterResponse()
+
 
 def _adapter(facts: dict):
     return pb.Adapter(**{k: v for k, v in facts.items() if k in ("name", "path", "family", "rank", "params", "bytes",
-                                                                 "residency")})
+                                                                 "residency", "tiers", "pinned")})
 
 
 async def start(admin: AdapterAdmin, host: str, port: int) -> grpc.aio.Server:

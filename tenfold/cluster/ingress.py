@@ -1,0 +1,245 @@
+"""The cluster's one HTTP front door: the routes of a single `tenfold serve`, each request sent to an engine replica.
+
+Generation requests (`/v1/completions`, `/v1/chat/completions`, streaming or not) carry their adapter name as Ray
+Serve's multiplexed model id, so Serve routes them to a replica that already holds the adapter (affinity); with
+affinity off they go to any replica, which loads the adapter itself. Admin calls reach every replica: a load records
+its path for replicas that load the name later, an unload and a pin or unpin go to each replica's engine. Responses
+name the replica that served them (`x-tenfold-replica`) and whether that request loaded its adapter there
+(`x-tenfold-adapter-loaded`). A replica that fails mid-request answers 503 with Retry-After: the client can retry,
+and Serve replaces the replica.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from http import HTTPStatus
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from .registry import REGISTRY_NAMESPACE
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+ADMIN_TIMEOUT_SECONDS = 600
+
+
+def error(status: int, message: str, retry: bool = False) -> JSONResponse:
+    phrase = HTTPStatus(status).phrase
+    return JSONResponse({"error": {"message": message, "type": phrase, "code": status}}, status_code=status,
+                        headers={"Retry-After": "1"} if retry else None)
+
+
+def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, registry_name: str):
+    app = FastAPI(title="tenfold cluster")
+
+    @serve.ingress(app)
+    class Ingress:
+        def __init__(self, engines):
+            import ray
+
+            self.engines = engines
+            self.registry = ray.get_actor(registry_name, namespace=REGISTRY_NAMESPACE)
+            self.base_names: set[str] | None = None
+
+        # --- helpers -----------------------------------------------------------------------------------------------
+        def _denied(self, request: Request, admin: bool) -> JSONResponse | None:
+            if not api_key or not (admin or protect_all):
+                return None
+            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if hmac.compare_digest(supplied.encode(), api_key.encode()):
+                return None
+            return error(401, "missing or wrong API key (Authorization: Bearer <key>)")
+
+        async def _base(self) -> set[str]:
+            if self.base_names is None:
+                status, _, body = await self.engines.forward.remote("", "GET", "/v1/models", {}, b"")
+                cards = json.loads(body)["data"] if status == 200 else []
+                self.base_names = {c["id"] for c in cards if "adapter" not in c}
+            return self.base_names
+
+        @staticmethod
+        def _forwarded_headers(request: Request) -> dict:
+            return {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+
+        async def _replicas(self) -> dict[str, str]:
+            return await self.registry.replicas.remote()
+
+        async def _each_replica(self, method: str, path: str, request: Request, body: bytes = b"") -> dict:
+            """The same admin call on every replica's engine; replica id -> (status, parsed body)."""
+            answers = {}
+            async with httpx.AsyncClient(timeout=ADMIN_TIMEOUT_SECONDS) as client:
+                for replica_id, url in (await self._replicas()).items():
+                    try:
+                        response = await client.request(method, f"{url}{path}", content=body,
+                                                        headers=self._forwarded_headers(request))
+                    except httpx.TransportError:  # its engine died: Serve replaces the replica, which registers
+                        await self.registry.remove_replica.remote(replica_id)  # anew and pins from the registry
+                        continue
+                    try:
+                        answers[replica_id] = (response.status_code, response.json())
+                    except ValueError:
+                        answers[replica_id] = (response.status_code, {"error": {"message": response.text}})
+            return answers
+
+        # --- generation ----------------------------------------------------------------------------------------------
+        async def _generate(self, request: Request) -> Response:
+            denied = self._denied(request, admin=False)
+            if denied:
+                return denied
+            body = await request.body()
+            try:
+                payload = json.loads(body)
+                model, stream = str(payload.get("model", "")), bool(payload.get("stream", False))
+            except (ValueError, AttributeError):  # the engine answers malformed bodies exactly as a single server
+                model, stream = "", False
+            adapter = "" if not model or model in await self._base() else model
+            handle = self.engines.options(multiplexed_model_id=adapter) if affinity and adapter else self.engines
+            headers = self._forwarded_headers(request)
+            try:
+                if not stream:
+                    status, out_headers, content = await handle.forward.remote(adapter, "POST", request.url.path,
+                                                                               headers, body)
+                    return Response(content, status_code=status, headers=out_headers)
+                chunks = handle.options(stream=True).forward_stream.remote(adapter, "POST", request.url.path,
+                                                                           headers, body)
+                status, out_headers = await chunks.__anext__()
+            except Exception as e:  # the replica died or was replaced under this request
+                return error(503, f"the replica serving this request failed ({type(e).__name__}); retry it", True)
+            return StreamingResponse(_rest(chunks), status_code=status, headers=out_headers)
+
+        @app.post("/v1/completions")
+        async def completions(self, request: Request):
+            return await self._generate(request)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(self, request: Request):
+            return await self._generate(request)
+
+        @app.get("/v1/models")
+        async def models(self, request: Request):
+            denied = self._denied(request, admin=False)
+            if denied:
+                return denied
+            status, headers, content = await self.engines.forward.remote("", "GET", "/v1/models",
+                                                                         self._forwarded_headers(request), b"")
+            return Response(content, status_code=status, headers=headers)
+
+        @app.get("/health")
+        async def health(self):
+            return Response(status_code=200)
+
+        @app.get("/v1/replicas")
+        async def replicas(self, request: Request):
+            """Each replica's engine URL: scrape its /metrics there (residency per adapter and tier)."""
+            return self._denied(request, admin=True) or {"replicas": await self._replicas()}
+
+        # --- adapter admin -------------------------------------------------------------------------------------------
+        @app.get("/v1/adapters")
+        async def list_adapters(self, request: Request):
+            denied = self._denied(request, admin=True)
+            if denied:
+                return denied
+            merged: dict[str, dict] = {}
+            for replica_id, (status, body) in (await self._each_replica("GET", "/v1/adapters", request)).items():
+                if status != 200:
+                    return JSONResponse(body, status_code=status)
+                for facts in body["adapters"]:
+                    entry = merged.setdefault(facts["name"], {**facts, "replicas": {}})
+                    entry["replicas"][replica_id] = {"tiers": facts.get("tiers", []), "pinned": facts.get("pinned")}
+            return {"adapters": list(merged.values())}
+
+        async def _load(self, request: Request, name: str, path: str | None) -> Response:
+            denied = self._denied(request, admin=True)
+            if denied:
+                return denied
+            if path:
+                await self.registry.set_path.remote(name, path)
+            # loaded through Serve's multiplexer on one replica, which then reports it for routing
+            handle = self.engines.options(multiplexed_model_id=name)
+            status, headers, content = await handle.forward.remote(name, "GET", "/v1/adapters",
+                                                                   self._forwarded_headers(request), b"")
+            if status != 200:
+                await self.registry.set_path.remote(name, None)
+                return Response(content, status_code=status, headers=headers)
+            facts = next((a for a in json.loads(content)["adapters"] if a["name"] == name), None)
+            return JSONResponse(facts, headers={k: v for k, v in headers.items() if k.startswith("x-tenfold")})
+
+        @app.post("/v1/adapters")
+        async def load(self, request: Request):
+            try:
+                body = await request.json()
+                name, path = str(body["name"]), body.get("path")
+            except (ValueError, KeyError, TypeError):
+                return error(400, "expected a JSON body {\"name\": ..., \"path\": (optional)}")
+            return await self._load(request, name, path)
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(self, request: Request):
+            try:
+                body = await request.json()
+                name, path = str(body["lora_name"]), body.get("lora_path")
+            except (ValueError, KeyError, TypeError):
+                return error(400, "expected a JSON body {\"lora_name\": ..., \"lora_path\": ...}")
+            return await self._load(request, name, path)
+
+        async def _unload(self, request: Request, name: str) -> Response:
+            denied = self._denied(request, admin=True)
+            if denied:
+                return denied
+            answers = await self._each_replica("DELETE", f"/v1/adapters/{name}", request)
+            await self.registry.set_path.remote(name, None)
+            await self.registry.set_pin.remote(name, False)
+            if any(status == 200 for status, _ in answers.values()):
+                return {"unloaded": name, "replicas": sorted(r for r, (s, _) in answers.items() if s == 200)}
+            status, body = next(iter(answers.values()), (404, {"error": {"message": f"adapter {name!r} is not "
+                                                                                    f"loaded"}}))
+            return JSONResponse(body, status_code=status)
+
+        @app.delete("/v1/adapters/{name}")
+        async def unload(self, request: Request, name: str):
+            return await self._unload(request, name)
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(self, request: Request):
+            try:
+                name = str((await request.json())["lora_name"])
+            except (ValueError, KeyError, TypeError):
+                return error(400, "expected a JSON body {\"lora_name\": ...}")
+            return await self._unload(request, name)
+
+        @app.post("/v1/adapters/{name}/pin")
+        async def pin(self, request: Request, name: str):
+            """Pins on every replica (each loads the adapter first); a replica that refuses undoes the others."""
+            denied = self._denied(request, admin=True)
+            if denied:
+                return denied
+            answers = await self._each_replica("POST", f"/v1/adapters/{name}/pin", request)
+            refused = {r: a for r, a in answers.items() if a[0] != 200}
+            if refused or not answers:
+                if len(refused) < len(answers):  # undo where it held (the others answer 404)
+                    await self._each_replica("DELETE", f"/v1/adapters/{name}/pin", request)
+                status, body = next(iter(refused.values()), (503, {"error": {"message": "no replica is up"}}))
+                return JSONResponse(body, status_code=status)
+            await self.registry.set_pin.remote(name, True)
+            return {**next(iter(answers.values()))[1], "replicas": sorted(answers)}
+
+        @app.delete("/v1/adapters/{name}/pin")
+        async def unpin(self, request: Request, name: str):
+            denied = self._denied(request, admin=True)
+            if denied:
+                return denied
+            await self.registry.set_pin.remote(name, False)
+            answers = await self._each_replica("DELETE", f"/v1/adapters/{name}/pin", request)
+            if any(status == 200 for status, _ in answers.values()):
+                return {"unpinned": name}
+            return error(404, f"adapter {name!r} is not pinned")
+
+    return Ingress
+
+
+async def _rest(chunks):
+    async for chunk in chunks:
+        yield chunk

@@ -1,0 +1,90 @@
+"""Starts a cluster: Ray (local, or an existing cluster by address), the registry actor, N engine replicas and the
+ingress on Ray Serve's HTTP proxy; runs until SIGINT/SIGTERM, then shuts Serve down (the replicas stop their
+engines)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+from .registry import REGISTRY_NAME, REGISTRY_NAMESPACE, ClusterRegistry
+
+# what the replicas' engines read from the environment (the Ray workers that host them do not inherit the shell's)
+FORWARDED_ENV_PREFIXES = ("VLLM_", "TENFOLD_", "HF_", "OMP_", "TRANSFORMERS_")
+
+
+def replica_argv(args, passthrough: list[str]) -> list[str]:
+    """The single-engine `tenfold serve` arguments every replica runs with (host, ports and cluster flags are the
+    replica's own)."""
+    argv = [args.model, "--mode", args.mode]
+    for spec in args.adapter:
+        argv += ["--adapter", spec]
+    if args.adapter_root is not None:
+        argv += ["--adapter-root", str(args.adapter_root.resolve())]
+    if args.api_key:
+        argv += ["--api-key", args.api_key]
+    if args.protect_all:
+        argv += ["--protect-all"]
+    if args.adapter_memory is not None:
+        argv += ["--adapter-memory", repr(args.adapter_memory)]
+    for name in args.pin:
+        argv += ["--pin", name]
+    return argv + passthrough
+
+
+def engine_cache_size(passthrough: list[str], default: str) -> int:
+    """The engine's host adapter cache (--max-cpu-loras): Serve's per-replica adapter count is set to it, so that
+    Serve's evictions, not the engine's, decide what a replica holds and routing knows it."""
+    for i, arg in enumerate(passthrough):
+        if arg.startswith("--max-cpu-loras="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--max-cpu-loras" and i + 1 < len(passthrough):
+            return int(passthrough[i + 1])
+    return int(default)
+
+
+def run(args, passthrough: list[str]) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise SystemExit("tenfold serve --replicas needs Ray Serve: pip install 'tenfold[ray]'") from None
+
+    from ..server.serve import ENGINE_DEFAULTS
+    from .ingress import ingress_class
+    from .replica import replica_class
+
+    if args.adapter_root is not None and not args.adapter_root.is_dir():
+        raise SystemExit(f"tenfold serve: --adapter-root {args.adapter_root} is not a directory")
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    ray.init(address=args.ray_address, namespace=REGISTRY_NAMESPACE, runtime_env={"env_vars": env},
+             include_dashboard=False, log_to_driver=False)
+    # on one machine the engines listen on loopback; across nodes each on its node's address
+    bind_host = "127.0.0.1" if args.ray_address is None else ray.util.get_node_ip_address()
+    log_dir = Path(args.replica_log_dir or tempfile.mkdtemp(prefix="tenfold-cluster-"))
+    registry = ray.remote(ClusterRegistry).options(name=REGISTRY_NAME, num_cpus=0).remote(list(args.pin))
+    max_adapters = engine_cache_size(passthrough, ENGINE_DEFAULTS["--max-cpu-loras"])
+    engines = serve.deployment(
+        replica_class(max_adapters), name="tenfold-engine", num_replicas=args.replicas,
+        ray_actor_options={"num_cpus": args.replica_cpus}, max_ongoing_requests=args.replica_max_ongoing,
+        health_check_period_s=2, health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
+    ingress = serve.deployment(
+        ingress_class(args.api_key, args.protect_all, not args.no_affinity, REGISTRY_NAME), name="tenfold-ingress",
+        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = ingress.bind(engines.bind(replica_argv(args, passthrough), args.api_key, bind_host, str(log_dir),
+                                    REGISTRY_NAME))
+    serve.run(app, name="tenfold", route_prefix="/")
+    print(f"tenfold cluster: {args.replicas} engine replicas behind http://{args.host}:{args.port} "
+          f"(affinity {'off' if args.no_affinity else 'on'}; engine logs in {log_dir})", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.kill(registry)
+    ray.shutdown()
+    return 0

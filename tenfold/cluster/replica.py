@@ -1,0 +1,188 @@
+"""One tenfold engine as a Ray Serve replica.
+
+Each replica runs an ordinary `tenfold serve` process on its node (the same engine, routes, errors and metrics as a
+single server) and forwards the ingress's requests to it. Adapters are Ray Serve multiplexed models: the replica
+reports the adapters it holds, Serve routes a request carrying `multiplexed_model_id=<adapter>` to a replica that
+holds it, and Serve's per-replica LRU (sized to the engine's host cache, `--max-cpu-loras`) decides evictions, which
+unload the adapter from the engine so that what Serve routes by and what the engine holds stay the same.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from ray import serve
+
+from .registry import REGISTRY_NAMESPACE
+
+STARTUP_TIMEOUT_SECONDS = 900
+REPLICA_HEADER = "x-tenfold-replica"
+LOADED_HEADER = "x-tenfold-adapter-loaded"  # "1": this request loaded its adapter on the replica (a miss)
+
+
+class AdapterUnavailable(Exception):
+    """The replica's engine refused to load the adapter; carries the engine's own answer."""
+
+    def __init__(self, status: int, body: bytes):
+        super().__init__(body.decode(errors="replace"))
+        self.status, self.body = status, body
+
+
+class ResidentAdapter:
+    """What Serve's multiplexer caches per adapter; when Serve evicts it, the engine unloads it (unless pinned)."""
+
+    def __init__(self, replica: EngineReplicaBase, name: str):
+        self.replica, self.name = replica, name
+
+    async def __del__(self):
+        await self.replica.unload_evicted(self.name)
+
+
+class EngineReplicaBase:
+    """The replica's body; `replica_class` adds Serve's multiplexed loader sized to the engine's cache."""
+
+    def __init__(self, serve_argv: list[str], api_key: str | None, bind_host: str, log_dir: str, registry_name: str):
+        import ray
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.api_key = api_key
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.registry = ray.get_actor(registry_name, namespace=REGISTRY_NAMESPACE)
+        with _socket_bound(bind_host) as port:
+            self.url = f"http://{bind_host}:{port}"
+            argv = [sys.executable, "-m", "tenfold.server.cli", "serve", *serve_argv, "--host", bind_host,
+                    "--port", str(port), "--grpc-port", "0"]
+        self.log_path = Path(log_dir) / f"replica-{self.replica_id}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self._wait_until_healthy()
+        self.client = httpx.AsyncClient(base_url=self.url, timeout=None)
+        ray.get(self.registry.add_replica.remote(self.replica_id, self.url))
+        for name in ray.get(self.registry.pins.remote()):  # pins made at runtime before this replica started
+            response = httpx.post(f"{self.url}/v1/adapters/{name}/pin", headers=self.headers, timeout=600)
+            if response.status_code != 200:
+                raise RuntimeError(f"replica {self.replica_id}: pinning {name!r} failed: {response.text}")
+
+    def _wait_until_healthy(self) -> None:
+        deadline = time.time() + STARTUP_TIMEOUT_SECONDS
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"replica engine exited with {self.process.returncode} during start-up:\n"
+                                   f"{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        self.process.kill()
+        raise RuntimeError(f"replica engine did not answer /health within {STARTUP_TIMEOUT_SECONDS} s")
+
+    # --- Serve hooks -------------------------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Serve calls this periodically: an engine process that died fails it, and Serve replaces the replica."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the replica's engine exited with {self.process.returncode}")
+
+    def __del__(self):
+        process = getattr(self, "process", None)
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    # --- adapters ----------------------------------------------------------------------------------------------------
+    async def load_adapter(self, name: str) -> ResidentAdapter:
+        path = await self.registry.path_of.remote(name)
+        response = await self.client.post("/v1/adapters", json={"name": name, "path": path}, headers=self.headers)
+        if response.status_code not in (200, 409):  # 409: the engine has it already (a start-up --adapter)
+            raise AdapterUnavailable(response.status_code, response.content)
+        return ResidentAdapter(self, name)
+
+    async def unload_evicted(self, name: str) -> None:
+        pinned = await self.registry.pins.remote()
+        if name not in pinned:
+            await self.client.delete(f"/v1/adapters/{name}", headers=self.headers)
+
+    async def adapter_for_request(self, get_model, name: str) -> tuple[bool, bytes | None, int]:
+        """Makes this request's adapter resident through Serve's multiplexer (also when the ingress routed it without
+        affinity); (loaded now, error body, status)."""
+        if not name:
+            return False, None, 200
+        # Serve's multiplexer keeps its models on this object; absent before the first load
+        cached = getattr(getattr(self, "__serve_multiplex_wrapper", None), "models", {})
+        loaded = name not in cached
+        try:
+            await get_model(name)
+        except AdapterUnavailable as e:
+            return False, e.body, e.status
+        return loaded, None, 200
+
+    # --- forwarding --------------------------------------------------------------------------------------------------
+    def _headers(self, headers: dict, loaded: bool) -> dict:
+        return {**headers, REPLICA_HEADER: self.replica_id, LOADED_HEADER: "1" if loaded else "0"}
+
+    async def _forward(self, get_model, adapter: str, method: str, path: str, headers: dict,
+                       body: bytes) -> tuple[int, dict, bytes]:
+        loaded, error, status = await self.adapter_for_request(get_model, adapter)
+        if error is not None:
+            return status, self._headers({"content-type": "application/json"}, loaded), error
+        response = await self.client.request(method, path, headers=headers, content=body)
+        kept = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "retry-after")}
+        return response.status_code, self._headers(kept, loaded), response.content
+
+    async def _forward_stream(self, get_model, adapter: str, method: str, path: str, headers: dict, body: bytes):
+        """Yields (status, headers) first, then the body's chunks as the engine sends them."""
+        loaded, error, status = await self.adapter_for_request(get_model, adapter)
+        if error is not None:
+            yield status, self._headers({"content-type": "application/json"}, loaded)
+            yield error
+            return
+        async with self.client.stream(method, path, headers=headers, content=body) as response:
+            kept = {k: v for k, v in response.headers.items() if k.lower() == "content-type"}
+            yield response.status_code, self._headers(kept, loaded)
+            async for chunk in response.aiter_raw():
+                yield chunk
+
+
+def replica_class(max_adapters: int):
+    """The replica deployment's class, with Serve's multiplexed loader holding at most `max_adapters` adapters."""
+
+    class EngineReplica(EngineReplicaBase):
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def get_model(self, name: str) -> ResidentAdapter:
+            return await self.load_adapter(name)
+
+        async def forward(self, adapter: str, method: str, path: str, headers: dict, body: bytes):
+            """One request to this replica's engine; `adapter` ("" for none) is made resident first."""
+            return await self._forward(self.get_model, adapter, method, path, headers, body)
+
+        async def forward_stream(self, adapter: str, method: str, path: str, headers: dict, body: bytes):
+            async for item in self._forward_stream(self.get_model, adapter, method, path, headers, body):
+                yield item
+
+    return EngineReplica
+
+
+class _socket_bound:
+    """A free port on `host` (bound, then released just before the engine binds it)."""
+
+    def __init__(self, host: str):
+        import socket
+
+        self.socket = socket.socket()
+        self.socket.bind((host, 0))
+
+    def __enter__(self) -> int:
+        return self.socket.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        self.socket.close()
