@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ import httpx
 
 from tenfold.bench.workload import Lengths, Popularity, make_requests, model_dtype, resolve_model, synth_adapters
 
-CONFIGS = {"1 replica": (1, True), "2 replicas, affinity": (2, True), "2 replicas, random routing": (2, False)}
+CONFIGS = {"1 replica": (1, True), "2 replicas affinity": (2, True), "2 replicas random": (2, False)}
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "HF_HUB_OFFLINE": "1"}
 
@@ -79,6 +80,8 @@ async def drive(url: str, requests: list[dict], names: list[str], concurrency: i
             body = {"model": names[request["adapter"]], "prompt": request["prompt"],
                     "max_tokens": request["max_tokens"], "temperature": 0.0, "ignore_eos": True}
             response = await client.post(f"{url}/v1/completions", json=body)
+            if response.status_code != 200 and not records:
+                print(f"first error: {response.status_code} {response.text[:300]}", flush=True)
             records.append({"status": response.status_code, "replica": response.headers.get("x-tenfold-replica"),
                             "loaded": response.headers.get("x-tenfold-adapter-loaded") == "1",
                             "tokens": response.json()["usage"]["completion_tokens"]
@@ -122,8 +125,8 @@ def main() -> int:
     paths = synth_adapters(args.family, args.adapters, model, args.cache_dir, dtype, progress=True)
     root = Path(tempfile.mkdtemp(prefix="tenfold-affinity-"))
     names = []
-    for path in paths:  # the adapter root holds them by short names
-        (root / path.name).symlink_to(path)
+    for path in paths:  # hard links: the adapter root refuses symlinks that leave it
+        shutil.copytree(path, root / path.name, copy_function=os.link)
         names.append(path.name)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     requests = make_requests(args.requests, args.adapters, Popularity("zipf", args.alpha), Lengths.parse(
