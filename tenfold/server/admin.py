@@ -39,35 +39,29 @@ def install(app: FastAPI, admin: AdapterAdmin, residency=None) -> None:
     async def list_adapters():
         return {"adapters": await admin.list()}
 
-    @router.post("/v1/adapters")
-    async def load(body: LoadAdapter):
+    async def answered(call, done=None):
+        """The admin call's result (or `done` once it returned), or its AdminError as an HTTP error."""
         try:
-            return await admin.load(body.name, body.path)
+            result = await call
         except AdminError as e:
             return error(e.status, str(e))
+        return result if done is None else done
+
+    @router.post("/v1/adapters")
+    async def load(body: LoadAdapter):
+        return await answered(admin.load(body.name, body.path))
 
     @router.delete("/v1/adapters/{name}")
     async def unload(name: str):
-        try:
-            await admin.unload(name)
-        except AdminError as e:
-            return error(e.status, str(e))
-        return {"unloaded": name}
+        return await answered(admin.unload(name), {"unloaded": name})
 
     @router.post("/v1/adapters/{name}/pin")
     async def pin(name: str):
-        try:
-            return await admin.pin(name)
-        except AdminError as e:
-            return error(e.status, str(e))
+        return await answered(admin.pin(name))
 
     @router.delete("/v1/adapters/{name}/pin")
     async def unpin(name: str):
-        try:
-            await admin.unpin(name)
-        except AdminError as e:
-            return error(e.status, str(e))
-        return {"unpinned": name}
+        return await answered(admin.unpin(name), {"unpinned": name})
 
     @router.get("/v1/models")
     async def list_models():
