@@ -14,7 +14,7 @@ import torch
 
 from adapter_cases import CASES, make
 from tenfold.engine import compiled_ops  # noqa: F401  (registers the tenfold:: ops)
-from tenfold.engine.families import adapted_forward, add_output_updates
+from tenfold.engine.families import LayerCall, adapt_layer_input, add_layer_updates, add_output_updates
 from tenfold.engine.native_state import NativeState
 from tenfold.engine.slots import SlotStore
 from test_native_ops import FUSED, frozen_layer, reference_forward
@@ -31,20 +31,34 @@ class PunicaStandIn:
 
 
 class StackLayer:
-    """A fused q/k/v layer as tenfold's vLLM wrapper runs it (`NativeAdapterMixin.adapted_apply`), with torch only."""
+    """A fused q/k/v layer as tenfold's vLLM wrapper runs it (`NativeAdapterMixin.apply`: the input op, the base
+    GEMM in the graph, the update op), with torch only."""
 
     def __init__(self, name, index, state, linears, slices, weight):
         self.name, self.index, self.state = name, index, state
         self.linears, self.slices, self.weight = linears, slices, weight
-        compiled_ops.register(self, name, weight.shape[0])
+        self.pending = None
+        compiled_ops.register(self, name)
 
-    def adapted_apply(self, x, bias):
-        plan = self.state.layer_plan(x.shape[0], self.index, tuple(self.slices))
-        weight_of = lambda m: self.weight[self.slices[m]]  # noqa: E731
-        output = adapted_forward(plan, self.index, self.slices, x, lambda inputs: inputs @ self.weight.t(),
-                                 torch.float32, weight_of)
-        add_output_updates(plan, self.index, self.slices, output, None, torch.float32, weight_of)
+    def forward(self, x):
+        inputs = torch.ops.tenfold.adapted_input(x, self.name)
+        output = inputs @ self.weight.t()
+        torch.ops.tenfold.add_updates(output, x, self.name)
         return output
+
+    def _plan_and_call(self, x):
+        plan = self.state.layer_plan(x.shape[0], self.index, tuple(self.slices))
+        return plan, LayerCall(self.index, self.slices, x, None, torch.float32, lambda m: self.weight[self.slices[m]])
+
+    def adapted_input(self, x):
+        self.pending = plan, call = self._plan_and_call(x)
+        return adapt_layer_input(plan, call)
+
+    def add_updates(self, output, x):
+        (plan, call), self.pending = self.pending, None
+        call.output = output
+        add_layer_updates(plan, call)
+        add_output_updates(plan, self.index, self.slices, output, None, torch.float32, call.weight_of)
 
 
 @pytest.mark.parametrize("name", ["mha", "gqa"])
@@ -63,7 +77,7 @@ def test_a_compiled_stack_follows_every_change_of_adapters_and_batch(name, specs
 
     def stack(x):
         for layer in layers:
-            y = torch.ops.tenfold.adapted_linear(x, None, layer.name)
+            y = layer.forward(x)
             x = x + torch.tanh(y @ back)
         return x
 

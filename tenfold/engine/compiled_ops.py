@@ -1,12 +1,15 @@
-"""The native path inside a compiled model: each wrapped layer's adapter work as one opaque custom op.
+"""The native path inside a compiled model: each wrapped layer's adapter work as opaque custom ops around vLLM's
+own base GEMM.
 
 The set of adapters, their buckets and the step's token grouping change between steps, while vLLM traces the
 model once (CPU: `CompilationMode.DYNAMO_TRACE_ONCE`). So what depends on them never enters the graph: a wrapped
-layer's forward calls `tenfold::adapted_linear` (base GEMM plus every bucket's update for the current step) and, for
-row-parallel layers, `tenfold::reduced_updates` (updates that read the all-reduced output). Dynamo holds each as one
-node with a fake implementation that only states the output shape; at run time the node runs the eager native path
-on the step's plan (built on the host once per step and shared by every layer). Eager execution calls the same
-functions directly, without the dispatcher.
+layer's forward keeps the base GEMM in the graph (as vLLM compiles it without adapters) and calls
+`tenfold::add_updates` on its output (every bucket's update for the current step, in place); layers whose GEMM input
+some family may change (loretta_adp's pre-adapters on gate/up) first call `tenfold::adapted_input`; row-parallel
+layers whose output is reduced add `tenfold::reduced_updates` (updates that read the all-reduced output). Dynamo
+holds each as one node with a fake implementation that only states the output; at run time the node runs the eager
+native path on the step's plan (built on the host once per step and shared by every layer). Eager execution calls
+the same functions directly, without the dispatcher.
 
 Layers are addressed by their module name (a constant of the traced graph, so a graph that vLLM loads from its
 compile cache in another process finds the same layers): one registry per process, the latest engine's layers.
@@ -19,13 +22,11 @@ import weakref
 import torch
 
 _layers: dict[str, weakref.ReferenceType] = {}
-_output_features: dict[str, int] = {}
 
 
-def register(layer, name: str, output_features: int) -> None:
-    """`layer` (a tenfold wrapper) serves module `name`; its adapted output has `output_features` columns."""
+def register(layer, name: str) -> None:
+    """`layer` (a tenfold wrapper) serves module `name`."""
     _layers[name] = weakref.ref(layer)
-    _output_features[name] = output_features
 
 
 def _layer(name: str):
@@ -35,15 +36,27 @@ def _layer(name: str):
     return layer
 
 
-@torch.library.custom_op("tenfold::adapted_linear", mutates_args=())
-def adapted_linear(x: torch.Tensor, bias: torch.Tensor | None, layer: str) -> torch.Tensor:
-    """The wrapped layer's output for x [T, in]: base GEMM and the step's adapter updates."""
-    return _layer(layer).adapted_apply(x, bias)
+@torch.library.custom_op("tenfold::adapted_input", mutates_args=())
+def adapted_input(x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The base GEMM's input for the wrapped layer's x [T, in] under the step's adapters (a new tensor)."""
+    inputs = _layer(layer).adapted_input(x)
+    return x.clone() if inputs is x else inputs  # a custom op's output may not alias its input
 
 
-@adapted_linear.register_fake
-def _(x, bias, layer):
-    return x.new_empty((x.shape[0], _output_features[layer]))
+@adapted_input.register_fake
+def _(x, layer):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("tenfold::add_updates", mutates_args=("output",))
+def add_updates(output: torch.Tensor, x: torch.Tensor, layer: str) -> None:
+    """Adds, in place, the step's adapter updates of the wrapped layer's input x [T, in] to its base output."""
+    _layer(layer).add_updates(output, x)
+
+
+@add_updates.register_fake
+def _(output, x, layer):
+    return None
 
 
 @torch.library.custom_op("tenfold::reduced_updates", mutates_args=("output",))

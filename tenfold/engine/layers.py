@@ -21,7 +21,7 @@ from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallel
                               RowParallelLinearWithLoRA)
 
 from . import compiled_ops
-from .families import adapted_forward, add_output_updates
+from .families import BUCKETS, LayerCall, adapt_layer_input, add_layer_updates, add_output_updates
 from .mode import execution_mode
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -66,7 +66,11 @@ class NativeAdapterMixin:
         # a row-parallel layer's output is whole after `apply` unless vLLM all-reduces it or returns its bias apart
         self._reduces_output = self._row_parallel and (self.tp_size > 1 or bool(self.base_layer.skip_bias_add))
         self._module_name = module_name
-        compiled_ops.register(self, module_name, sum(self.output_slices))
+        compiled_ops.register(self, module_name)
+        # whether some family may change this layer's GEMM input (loretta_adp's pre-adapters on gate/up): fixed, so
+        # a compiled graph holds the input op only where it may be needed
+        self._adapts_input = any(cls.may_adapt_input(m) for cls in set(BUCKETS.values()) for m in sub_modules)
+        self._pending_call = None  # (plan, LayerCall) from `adapted_input`, taken by the next `add_updates`
         starts = [sum(self.output_slices[:i]) for i in range(len(self.output_slices))]
         self.sub_modules = {m: slice(s, s + n) for m, s, n in zip(sub_modules, starts, self.output_slices)}
         self._sub_module_names = tuple(sub_modules)
@@ -75,31 +79,53 @@ class NativeAdapterMixin:
         # vLLM's optional second CUDA stream for LoRA (VLLM_LORA_ENABLE_DUAL_STREAM) is not used: the native applies
         # run in the layer's own stream, and some of them change the base GEMM's input
         x2 = x.flatten(0, 1) if x.ndim == 3 else x
-        if torch.compiler.is_compiling():  # the step's adapters stay out of the traced graph (compiled_ops.py)
-            if self._native is None:  # the graph would silently leave every adapter out
-                raise RuntimeError("tenfold: a native wrapper was traced before the native state was bound to it")
-            output = torch.ops.tenfold.adapted_linear(x2, bias, self._module_name)
-        else:
-            output = self.adapted_apply(x2, bias)
+        compiling = torch.compiler.is_compiling()
+        if compiling and self._native is None:  # the graph would silently leave every adapter out
+            raise RuntimeError("tenfold: a native wrapper was traced before the native state was bound to it")
+        inputs = x2
+        if self._adapts_input and self._native is not None:
+            inputs = torch.ops.tenfold.adapted_input(x2, self._module_name) if compiling else self.adapted_input(x2)
+        # the base GEMM stays vLLM's (in a compiled model: in the graph); the step's adapters stay out of the graph,
+        # in the update op (compiled_ops.py)
+        output = self._get_quant_method().apply(self.base_layer, inputs, bias)
+        if self._native is not None:
+            if compiling:
+                torch.ops.tenfold.add_updates(output, x2, self._module_name)
+            else:
+                self.add_updates(output, x2)
         return output.view(*x.shape[:-1], output.shape[-1])
 
-    def adapted_apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Base GEMM plus the current step's adapter updates for x [T, in] (eager; the body of the compiled op)."""
-        base = self._get_quant_method().apply
-        if self._native is None:
-            return base(self.base_layer, x, bias)
+    def _call(self, x: torch.Tensor, output: torch.Tensor | None) -> LayerCall:
+        return LayerCall(self.layer_index, self.sub_modules, x, output, self._native.store.dtype, self._frozen_weight)
+
+    def adapted_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The base GEMM's input for x [T, in] under the current step's plan (x itself where no bucket changes it);
+        what the buckets computed on the way is kept for the `add_updates` of the same forward."""
         plan = self._native.layer_plan(x.shape[0], self.layer_index, self._sub_module_names)
         if not plan:
-            return base(self.base_layer, x, bias)
-        output = adapted_forward(plan, self.layer_index, self.sub_modules, x,
-                                 lambda inputs: base(self.base_layer, inputs, bias), self._native.store.dtype,
-                                 self._frozen_weight)
+            self._pending_call = None
+            return x
+        call = self._call(x, None)
+        self._pending_call = plan, call
+        return adapt_layer_input(plan, call)
+
+    def add_updates(self, output: torch.Tensor, x: torch.Tensor) -> None:
+        """Adds, in place, the current step's adapter updates of x [T, in] to the base GEMM's output [T, out]
+        (the eager path, and the body of the compiled update op)."""
+        pending, self._pending_call = self._pending_call, None
+        plan = self._native.layer_plan(x.shape[0], self.layer_index, self._sub_module_names)
+        if not plan:
+            return
+        call = pending[1] if pending is not None and pending[0] is plan else self._call(x, None)
+        call.output = output
+        add_layer_updates(plan, call)
         if not self._reduces_output:  # this rank's output is complete: updates reading it can run now
             add_output_updates(plan, self.layer_index, self.sub_modules, output, None, self._native.store.dtype,
                                self._frozen_weight)
-        return output
 
     _row_parallel = False
+    _adapts_input = False
+    _pending_call = None
     # whether updates that read the whole output wait until after `apply` (vLLM's all-reduce, or a bias returned
     # apart): fixed when the layer is bound, so a compiled graph holds the second op only where it is needed
     _reduces_output = False

@@ -123,8 +123,9 @@ def require_fits_budget(path, native: NativeAdapter, spec: ModelSpec, slots: int
     budget (each worker enforces the budget exactly when the adapter takes a slot)."""
     from .adapter_memory import AdapterMemoryError, engine_budget, gib
 
-    element = torch.empty((), dtype=_worker_dtype(spec)).element_size()
-    budget, need = engine_budget(spec, slots, max_rank, element), native.bucket_bytes(slots, element)
+    element = torch.empty((), dtype=_worker_dtype(spec, native.adapter.family)).element_size()
+    budget_element = torch.empty((), dtype=_worker_dtype(spec)).element_size()  # as the workers size the budget
+    budget, need = engine_budget(spec, slots, max_rank, budget_element), native.bucket_bytes(slots, element)
     if need > budget:
         frozen = f" + {gib(native.frozen_params * element)} of frozen-weight copies" if native.frozen_params else ""
         raise AdapterMemoryError(
@@ -159,12 +160,27 @@ def native_cpu_dtype(model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype if choice == "model" else torch.float32
 
 
-def _worker_dtype(spec: ModelSpec) -> torch.dtype:
-    """What the workers store adapters in: native slot tables on CPU as `native_cpu_dtype` says, and vLLM's LoRA
-    dtype elsewhere, which follows the model's dtype; vLLM's LoRA tensors (convert mode) are in the LoRA dtype on
-    every device."""
+def cpu_kernel_dtype(model_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype of the slot tables of families with tenfold's CPU kernels (`tenfold.kernels.cpu`): the model's
+    (they read bf16 tables in place and accumulate in fp32, so bf16 halves the bytes a step reads); None where the
+    kernels are off (TENFOLD_CPU_KERNELS=torch) or do not take the model's dtype (fp16)."""
+    from ..kernels import cpu
+
+    return model_dtype if cpu.enabled() and model_dtype in (torch.float32, torch.bfloat16) else None
+
+
+def _worker_dtype(spec: ModelSpec, family: str | None = None) -> torch.dtype:
+    """What the workers store a `family` adapter in: native slot tables on CPU in the model's dtype for families
+    with CPU kernels and as `native_cpu_dtype` says for the others (and for `family` None: the dtype the adapter
+    memory budget is sized in), and vLLM's LoRA dtype elsewhere, which follows the model's dtype; vLLM's LoRA
+    tensors (convert mode) are in the LoRA dtype on every device."""
+    from .families import BUCKETS
+
     model_dtype = spec.dtype if spec.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
     if execution_mode_is_native() and _on_cpu():
+        kernel_dtype = cpu_kernel_dtype(model_dtype)
+        if family is not None and kernel_dtype is not None and BUCKETS[family].has_cpu_kernels:
+            return kernel_dtype
         return native_cpu_dtype(model_dtype)
     return model_dtype
 
@@ -202,17 +218,18 @@ def adapter_facts(path, spec: ModelSpec, *, tensor_parallel_size: int = 1,
     bytes its workers hold, in the dtype they hold it in (`worker_dtype`, by default what the engine uses on this
     platform for `spec.dtype`), summed over the `tensor_parallel_size` ranks (each holds its own shard plus the
     parts every rank needs)."""
-    dtype = worker_dtype or _worker_dtype(spec)
-    element = torch.empty((), dtype=dtype).element_size()
-    name = str(dtype).removeprefix("torch.")
     if execution_mode_is_native():
         native = load_for_native(path, spec, tensor_parallel_size)
         a = native.adapter
+        dtype = worker_dtype or _worker_dtype(spec, a.family)
+        element, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
         entries = native.slot_params + sum(_row_params(a, spec, tensor_parallel_size, rank)
                                            for rank in range(1, tensor_parallel_size))
         return AdapterFacts(a.family, a.rank, a.num_params(), a.nbytes(), entries * element, name,
                             tensor_parallel_size)
     c = check_for_convert(path, spec)
+    dtype = worker_dtype or _worker_dtype(spec)
+    element, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
     # vLLM (fully_sharded_loras off, its default) keeps lora_A whole on every rank of a column-parallel layer and
     # shards lora_B; a row-parallel layer (o_proj, down_proj) the other way round. Every module is served at the
     # adapter's largest rank (lower ranks zero-padded).

@@ -25,8 +25,12 @@ _log = logging.getLogger("vllm.tenfold")  # under vLLM's logger namespace, so it
 
 class SlotStore:
     def __init__(self, spec: ModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device,
-                 shard: Shard | None = None, memory_bytes: int = MIN_DEFAULT_BYTES):
+                 shard: Shard | None = None, memory_bytes: int = MIN_DEFAULT_BYTES,
+                 kernel_dtype: torch.dtype | None = None):
+        # dtype: the adapter arithmetic's and the frozen-weight copies', and the tables' of families computed with
+        # torch ops; kernel_dtype (None: not used): the tables' of families with tenfold's CPU kernels
         self.spec, self.num_slots, self.dtype, self.device = spec, num_slots, dtype, device
+        self.kernel_dtype = kernel_dtype
         self.shard = shard or Shard(spec)  # this worker's tensor-parallel part of every layer
         self.memory = AdapterArena(memory_bytes, device)  # every table and frozen-weight copy lives in it
         self.buckets: dict[int, Bucket] = {}  # active and idle buckets (idle: no slot uses it, tables kept)
@@ -63,8 +67,9 @@ class SlotStore:
         bucket_cls = BUCKETS[adapter.family]
         signature = bucket_cls.signature_of(adapter)
         bucket_id = self._bucket_ids.get(signature)
+        kernels = self.kernel_dtype is not None and bucket_cls.has_cpu_kernels
         bucket = self.buckets[bucket_id] if bucket_id is not None else bucket_cls(
-            signature, self.spec, self.dtype, self.device, self.shard)
+            signature, self.spec, self.kernel_dtype if kernels else self.dtype, self.device, self.shard, kernels)
         values = bucket.row_values(adapter)
         what = f"the {adapter.family} adapter" + (f" from {adapter.source}" if adapter.source else "")
         try:
@@ -75,8 +80,8 @@ class SlotStore:
             if bucket.packed is None:
                 shapes = bucket.table_shapes(values, self.num_slots)
                 row_bytes = sum(v.numel() * v.element_size() for v in values.values())
-                bucket.take_tables(self._place(shapes, f"the tables of {what} ({self.num_slots} slots x {row_bytes} "
-                                                       f"bytes)", bucket_id, make_room, in_step))
+                bucket.take_tables(self._place(shapes, bucket.dtype, f"the tables of {what} ({self.num_slots} slots x "
+                                                                     f"{row_bytes} bytes)", bucket_id, make_room, in_step))
                 _log.info("tenfold: a %s bucket takes %s of adapter memory (%d slots x %d bytes per slot); %s of %s "
                           "in use", bucket.family, gib(bucket.packed.size), self.num_slots, row_bytes,
                           gib(self.memory.used), gib(self.memory.capacity))
@@ -95,9 +100,10 @@ class SlotStore:
         self.bucket_of_slot[slot] = bucket_id
         self.version += 1
 
-    def _place(self, shapes: dict, what: str, keep: int | None, make_room, in_step: bool) -> PackedTables:
-        """Tables of `shapes` in the adapter memory, making room as `assign` says."""
-        size = table_layout(shapes, self.dtype)[1]
+    def _place(self, shapes: dict, dtype: torch.dtype, what: str, keep: int | None, make_room,
+               in_step: bool) -> PackedTables:
+        """Tables of `shapes` and `dtype` in the adapter memory, making room as `assign` says."""
+        size = table_layout(shapes, dtype)[1]
         if size > self.memory.capacity - self._frozen_bytes and not in_step:  # no eviction could make room
             raise AdapterMemoryError(
                 f"{what} need {gib(size)} of adapter memory, more than the budget of {gib(self.memory.capacity)} "
@@ -118,10 +124,10 @@ class SlotStore:
                              "(%s in use); placed beyond it for as long as the step's requests use them. Raise "
                              "--adapter-memory or lower --max-loras", what, gib(self.memory.capacity),
                              gib(self.memory.used))
-                return over.pack(shapes, self.dtype, what)
+                return over.pack(shapes, dtype, what)
             else:
                 break
-        return self.memory.pack(shapes, self.dtype, what)  # raises AdapterMemoryError with the numbers if no room
+        return self.memory.pack(shapes, dtype, what)  # raises AdapterMemoryError with the numbers if no room
 
     def _drop_bucket(self, bucket_id: int) -> None:
         bucket = self.buckets.pop(bucket_id)
@@ -136,7 +142,7 @@ class SlotStore:
     def _place_frozen(self, missing: dict, what: str, keep: int | None, make_room, in_step: bool) -> None:
         """Place `missing` frozen-weight copies; kept for the engine's life (the same W0 rows serve every adapter
         that reads them)."""
-        packed = self._place(missing, what, keep, make_room, in_step)
+        packed = self._place(missing, self.dtype, what, keep, make_room, in_step)
         for key in missing:
             self._frozen[key] = packed
         if packed.arena is self.memory:

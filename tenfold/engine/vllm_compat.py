@@ -646,7 +646,7 @@ def _patch_native_execution() -> None:
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     from .adapter_memory import AdapterMemoryError, budget_from_env, engine_budget, gib, stock_lora_bytes
-    from .loader import native_cpu_dtype
+    from .loader import cpu_kernel_dtype, native_cpu_dtype
     from .layers import NATIVE_LAYER_CLASSES, NativeAdapterMixin
     from .mode import execution_mode
     from .native_model import NativeLoRAModel
@@ -688,7 +688,13 @@ def _patch_native_execution() -> None:
         element = torch.empty((), dtype=dtype).element_size()
         budget = engine_budget(spec, self.lora_slots, self.lora_config.max_lora_rank, element)
         # reserved here, while vLLM loads the model: before it sizes its KV cache from the memory left
-        store = SlotStore(spec, self.lora_slots, dtype, self.device, shard, memory_bytes=budget)
+        kernel_dtype = cpu_kernel_dtype(self.lora_config.lora_dtype) if self.device.type == "cpu" else None
+        if kernel_dtype is not None:
+            from ..kernels import cpu
+
+            cpu.ops()  # built (or loaded) now, at start-up, and a failed build stops it with the compiler's message
+        store = SlotStore(spec, self.lora_slots, dtype, self.device, shard, memory_bytes=budget,
+                          kernel_dtype=kernel_dtype)
         punica = self._get_punica_wrapper(next(iter(wrappers), "")) if wrappers else None
         self._tenfold_native = NativeState(store, punica)
         for name, module in wrappers.items():
@@ -696,17 +702,21 @@ def _patch_native_execution() -> None:
             module.bind_native(self._tenfold_native, name, self.packed_modules_mapping.get(suffix) or [suffix])
         # under vLLM's logger namespace, so it reaches vLLM's start-up log
         logging.getLogger("vllm.tenfold").info(
-            "tenfold native mode: %d slots, %d layers wrapped%s; adapter memory %s (%s) reserved for every slot "
+            "tenfold native mode: %d slots, %d layers wrapped%s; adapter memory %s (%s%s) reserved for every slot "
             "table and frozen-weight copy, %s; each bucket (adapters of one family and shape) takes one row per "
             "slot from it when its first adapter arrives and logs its bytes per slot then (here a LoRA of rank "
             "%d on every linear module takes %d bytes per slot, a LoRTA row 2-2.7x its adapter's parameters)",
             self.lora_slots, len(wrappers), f" on tensor-parallel rank {shard.rank}/{shard.size}" if shard.sharded
             else "", gib(budget), str(dtype).removeprefix("torch."),
+            "" if kernel_dtype is None else
+            f"; lora, loretta_rep and miss tables in {str(kernel_dtype).removeprefix('torch.')}, applied by tenfold's "
+            f"CPU kernels",
             f"--adapter-memory {budget_from_env() / (1 << 30):g}" if budget_from_env() else
             f"the default: twice what vLLM's LoRA reserves for max_loras={self.lora_slots} and "
             f"max_lora_rank={self.lora_config.max_lora_rank}, at least 512 MiB (set --adapter-memory GIB)",
             self.lora_config.max_lora_rank,
-            stock_lora_bytes(spec, 1, self.lora_config.max_lora_rank, element) // max(1, shard.size))
+            stock_lora_bytes(spec, 1, self.lora_config.max_lora_rank,
+                             element if kernel_dtype is None else kernel_dtype.itemsize) // max(1, shard.size))
 
     def _add_adapter(self, lora):
         if isinstance(lora, NativeLoRAModel):

@@ -9,4 +9,8 @@ dtype of the tables they get (fp32 on CPU, where bf16 matmuls are slow).
 The device path: `segments` groups a step's tokens by table row on the device (no host sync), `triton` holds one
 kernel per family apply over flat token rows and whole tables, `twins` the torch ops of the same signatures (the
 padded ops above, run over the segments' tiles), and `dispatch` picks the kernel on CUDA and the twin elsewhere.
+
+`cpu` holds tenfold's C++ CPU kernels (built on first use for the machine's CPU): the low-rank shrink and expand of
+every module of a layer straight from a bucket's tables into the layer output, which the engine uses on CPU for lora,
+loretta_rep and miss.
 """

@@ -1,6 +1,6 @@
 """Per-family slot tables and layer applies of the native path (one file per family)."""
 
-from .base import Bucket, LayerCall, adapted_forward, add_output_updates
+from .base import Bucket, LayerCall, adapt_layer_input, add_layer_updates, adapted_forward, add_output_updates
 from .bat import BatBucket
 from .bottleneck import BottleneckBucket
 from .lorta import LoRTABucket
@@ -12,4 +12,5 @@ BUCKETS: dict[str, type[Bucket]] = {
     "bat": BatBucket, "loretta_adp": BottleneckBucket,
 }
 
-__all__ = ["BUCKETS", "Bucket", "LayerCall", "adapted_forward", "add_output_updates"]
+__all__ = ["BUCKETS", "Bucket", "LayerCall", "adapt_layer_input", "add_layer_updates", "adapted_forward",
+           "add_output_updates"]

@@ -44,6 +44,11 @@ class LayerCall:
         self._pending: dict = {}
 
     @property
+    def x_rows(self) -> torch.Tensor:
+        """call.x with contiguous rows, as tenfold's CPU kernels read it (in its own dtype)."""
+        return self.x if self.x.stride(-1) == 1 else self.x.contiguous()
+
+    @property
     def x_compute(self) -> torch.Tensor:
         if self._x_compute is None:
             self._x_compute = self.x if self.x.dtype == self.compute_dtype else self.x.to(self.compute_dtype)
@@ -80,19 +85,30 @@ class LayerCall:
         pending.clear()
 
 
+def adapt_layer_input(plan: list, call: LayerCall) -> torch.Tensor:
+    """The base GEMM's input for a step's plan [(bucket, group)]: call.x, with the rows of the tokens whose buckets
+    change the layer's input changed (in a copy)."""
+    inputs = call.x
+    for bucket, group in plan:
+        inputs = bucket.adapt_input(call, group, inputs)
+    return inputs
+
+
+def add_layer_updates(plan: list, call: LayerCall) -> None:
+    """Each bucket of the plan adds its tokens' update to call.output (the base GEMM's result), in place."""
+    for bucket, group in plan:
+        bucket.apply(call, group)
+        call.commit(group)
+
+
 def adapted_forward(plan: list, layer: int, modules: dict[str, slice], x: torch.Tensor,
                     base_forward: Callable[[torch.Tensor], torch.Tensor], compute_dtype: torch.dtype,
                     weight_of: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """One wrapped layer's forward for a step's plan [(bucket, group)]: the buckets may change the base GEMM's input
     rows of their tokens, the base GEMM runs once for all tokens, then each bucket adds its update."""
     call = LayerCall(layer, modules, x, None, compute_dtype, weight_of)
-    inputs = x
-    for bucket, group in plan:
-        inputs = bucket.adapt_input(call, group, inputs)
-    call.output = base_forward(inputs)
-    for bucket, group in plan:
-        bucket.apply(call, group)
-        call.commit(group)
+    call.output = base_forward(adapt_layer_input(plan, call))
+    add_layer_updates(plan, call)
     return call.output
 
 
@@ -119,10 +135,14 @@ class Bucket(ABC):
     # whether gathered (non-consecutive) rows are kept for the step: yes for families whose tables are shared by
     # every layer (small); per-layer tables are gathered per call rather than all held at once
     keep_gathered_rows: ClassVar[bool] = False
+    # whether the family has an apply on tenfold's CPU kernels (`tenfold.kernels.cpu`), which read its tables in
+    # the model's dtype; the others compute with torch ops in the store's compute dtype (fp32 on CPU)
+    has_cpu_kernels: ClassVar[bool] = False
 
     def __init__(self, signature: tuple, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                 shard: Shard | None = None):
+                 shard: Shard | None = None, cpu_kernels: bool = False):
         self.signature, self.spec, self.dtype, self.device = signature, spec, dtype, device
+        self.cpu_kernels = cpu_kernels  # apply with tenfold's CPU kernels (the store decides: device, model dtype)
         self.shard = shard or Shard(spec)  # row_tensors keep this tensor-parallel rank's part of each factor
         self._packed: PackedTables | None = None  # the tables, in the engine's adapter memory
         self.capacity = 0
@@ -153,6 +173,12 @@ class Bucket(ABC):
         """Add an update that reads the layer's whole output, here call.x (call.output is the same values, updated
         in place): run after a row-parallel layer's all-reduce, on every rank alike, and right after the layer's
         own update otherwise (families with `reads_output`)."""
+
+    @classmethod
+    def may_adapt_input(cls, module: str) -> bool:
+        """Whether adapters of this family can change the input of module's base GEMM (`adapt_input`): fixed per
+        module, so a compiled layer calls tenfold's input op only where some family may need it."""
+        return False
 
     def adapt_input(self, call: LayerCall, group: BucketGroup, inputs: torch.Tensor) -> torch.Tensor:
         """The base GEMM's input: `inputs` (call.x, or what an earlier bucket made of it) with this bucket's tokens
@@ -242,8 +268,8 @@ class PerModuleBucket(Bucket):
     """A family with factors per (layer, module): the last item of its signature is the adapter's targets."""
 
     def __init__(self, signature: tuple, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                 shard: Shard | None = None):
-        super().__init__(signature, spec, dtype, device, shard)
+                 shard: Shard | None = None, cpu_kernels: bool = False):
+        super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
         self._targets = frozenset(signature[-1])
 
     def adapts(self, layer: int, module: str) -> bool:

@@ -24,8 +24,8 @@ class BottleneckBucket(PerModuleBucket):
     family = "loretta_adp"
     reads_output = True
 
-    def __init__(self, signature, spec, dtype, device, shard=None):
-        super().__init__(signature, spec, dtype, device, shard)
+    def __init__(self, signature, spec, dtype, device, shard=None, cpu_kernels=False):
+        super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
         _, self.bottleneck_size, non_linearity, _ = signature
         self._act = ACT2FN[non_linearity]
 
@@ -59,6 +59,10 @@ class BottleneckBucket(PerModuleBucket):
         return bottleneck(z, self.rows(f"Wd.{name}", group), self.rows(f"bd.{name}", group),
                           self.rows(f"Wu.{name}", group), self.rows(f"bu.{name}", group),
                           self.rows(f"s.{name}", group), self._act)
+
+    @classmethod
+    def may_adapt_input(cls, module):
+        return PLACEMENT.get(module) == "pre"
 
     def adapt_input(self, call, group, inputs):
         pre = [m for m in self.targeted(call) if PLACEMENT[m] == "pre"]

@@ -31,8 +31,8 @@ class LoRTABucket(Bucket):
     family = "lorta"
     keep_gathered_rows = True  # every table is shared by all layers (a row is 0.5-0.7M entries on 7B shapes at r=64)
 
-    def __init__(self, signature, spec, dtype, device, shard=None):
-        super().__init__(signature, spec, dtype, device, shard)
+    def __init__(self, signature, spec, dtype, device, shard=None, cpu_kernels=False):
+        super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
         _, self.orientation, self.rank, modules = signature
         self.modules = frozenset(modules)
 

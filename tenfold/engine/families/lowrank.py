@@ -2,6 +2,7 @@
 
 loretta_rep's TT cores are contracted once, when the adapter takes a slot: applying the contracted factors is two
 small matmuls per chunk, while contracting the cores per token costs one op per core and module on every step.
+On CPU the two products run in tenfold's kernels (`tenfold.kernels.cpu`), straight from the tables into the output.
 """
 
 from __future__ import annotations
@@ -9,15 +10,17 @@ from __future__ import annotations
 import torch
 
 from ...adapters.base import key_name
+from ...kernels import cpu
 from ...kernels.lowrank import lowrank_expand, lowrank_shrink
 from .base import PerModuleBucket
 
 
 class LowRankBucket(PerModuleBucket):
     family = "lowrank"
+    has_cpu_kernels = True
 
-    def __init__(self, signature, spec, dtype, device, shard=None):
-        super().__init__(signature, spec, dtype, device, shard)
+    def __init__(self, signature, spec, dtype, device, shard=None, cpu_kernels=False):
+        super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
         self.rank = signature[1]
 
     @classmethod
@@ -39,6 +42,14 @@ class LowRankBucket(PerModuleBucket):
         return tensors
 
     def apply(self, call, group):
+        if self.cpu_kernels:  # every targeted module in one call, straight into the output's columns
+            targeted, tables = self.targeted(call), self.tables
+            if not targeted:
+                return
+            names = [key_name((call.layer, m)) for m in targeted]
+            cpu.lowrank_apply(call.x_rows, group.tokens, group.token_rows, [tables[f"A_t.{n}"] for n in names],
+                              [tables[f"B.{n}"] for n in names], [call.output[:, call.modules[m]] for m in targeted])
+            return
         x = group.gather(call.x_compute)
         for module in self.targeted(call):
             name = key_name((call.layer, module))

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from ...adapters.base import key_name
 from ...adapters.errors import where
+from ...kernels import cpu
 from ...kernels.miss import miss_expand, miss_shrink
 from .base import PerModuleBucket
 
 
 class MissBucket(PerModuleBucket):
     family = "miss"
+    has_cpu_kernels = True
 
-    def __init__(self, signature, spec, dtype, device, shard=None):
-        super().__init__(signature, spec, dtype, device, shard)
+    def __init__(self, signature, spec, dtype, device, shard=None, cpu_kernels=False):
+        super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
         _, self.rank, self.variant, self.mini_r, _ = signature
 
     @classmethod
@@ -41,6 +43,12 @@ class MissBucket(PerModuleBucket):
     def apply(self, call, group):
         targeted = self.targeted(call)
         if not targeted:
+            return
+        if self.cpu_kernels:  # the expand straight from the tables into the output; a mini block repeats along it
+            u = miss_shrink(call.x.index_select(0, group.tokens).float(), self.rank)
+            cpu.lowrank_expand(u, group.tokens, group.token_rows,
+                               [self.tables[f"D.{key_name((call.layer, m))}"] for m in targeted],
+                               [call.output[:, call.modules[m]] for m in targeted])
             return
         u = group.gather(miss_shrink(call.x_compute, self.rank))
         for m in targeted:

@@ -1,0 +1,108 @@
+"""tenfold's CPU kernels: C++ ops that apply per-token low-rank updates straight from a bucket's tables.
+
+    from tenfold.kernels import cpu
+    cpu.lowrank_apply(x, tokens, rows, [a_q, a_v], [b_q, b_v], [out[:, q], out[:, v]])  # lora, loretta_rep
+    cpu.lowrank_expand(h, tokens, rows, [d_q, d_v], [out[:, q], out[:, v]])              # miss: h = block sums
+
+`tokens` [n] are the bucket's tokens sorted by table row, `rows` [n] their rows (int64, CPU); one table per module
+(of one layer), fp32 or bf16, read in place (no gather, no copy to fp32) and summed in fp32; each module's output is
+its column slice of the layer's output (bf16 or fp32), rounded once. One call per layer replaces the torch path's
+gather, batched matmuls, concatenation and index_add, whose per-op costs and fp32 copies of the tables dominate a
+decode step on CPU.
+
+The source (`lowrank.cpp`) is compiled on first use for this machine's CPU (`-march=native`: AVX-512 and
+AVX512-BF16 where present) into ~/.cache/tenfold/kernels (or $TENFOLD_KERNEL_CACHE), keyed by the source, the CPU's
+features and torch's version, so a cache shared by different machines never loads a build made for another CPU.
+The compiler is the one torch's inductor uses already (vLLM compiles the model with it on CPU). TENFOLD_CPU_KERNELS
+selects: `native` (default) builds and uses them, and a build that fails stops the engine with the compiler's
+message; `torch` keeps the torch ops (then every family computes in fp32 on CPU, as before these kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ENV = "TENFOLD_CPU_KERNELS"
+CHOICES = ("native", "torch")
+SOURCE = Path(__file__).with_name("lowrank.cpp")
+_log = logging.getLogger("vllm.tenfold")
+
+
+def enabled() -> bool:
+    """Whether the native path on CPU uses these kernels (TENFOLD_CPU_KERNELS, default native)."""
+    choice = os.environ.get(ENV, "native")
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={choice!r}: expected one of {', '.join(CHOICES)}")
+    return choice == "native"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TENFOLD_KERNEL_CACHE") or "~/.cache/tenfold/kernels").expanduser()
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp")
+
+
+def build_name(namespace: str = "tenfold_cpu", flags: tuple[str, ...] = NATIVE_FLAGS) -> str:
+    key = [SOURCE.read_bytes(), _cpu_features().encode(), torch.__version__.encode(), " ".join(flags).encode()]
+    return f"{namespace}_{hashlib.sha256(b'|'.join(key)).hexdigest()[:16]}"
+
+
+@functools.cache
+def ops():
+    """torch.ops.tenfold_cpu, built and loaded once per process (the build itself once per machine)."""
+    return build("tenfold_cpu", NATIVE_FLAGS)
+
+
+def build(namespace: str, flags: tuple[str, ...]):
+    """Build (or find built) and load the kernels with compiler `flags`, their ops under torch.ops.<namespace>."""
+    from torch.utils.cpp_extension import load
+
+    name = build_name(namespace, flags)
+    directory = cache_dir() / name
+    directory.mkdir(parents=True, exist_ok=True)
+    fresh = not any(directory.glob("*.so"))
+    if fresh:
+        _log.info("tenfold: building the CPU kernels for this machine into %s (once, ~10-30 s)", directory)
+    start = time.perf_counter()
+    try:
+        load(name, [str(SOURCE)], extra_cflags=[*flags, f"-DTENFOLD_CPU_OPS={namespace}"],
+             extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False, verbose=False)
+    except Exception as error:  # the compiler's own message is in the error
+        raise RuntimeError(f"tenfold could not build its CPU kernels ({SOURCE.name}) in {directory}: {error}\n"
+                           f"They need the C++ compiler torch's inductor uses (g++); or set {ENV}=torch to serve with "
+                           f"the slower torch ops") from error
+    if fresh:
+        _log.info("tenfold: CPU kernels built in %.1f s", time.perf_counter() - start)
+    return getattr(torch.ops, namespace)
+
+
+def lowrank_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, a_t: list[torch.Tensor],
+                  b: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    """out[m][tokens[i]] += (x[tokens[i]] @ a_t[m][rows[i]].T) @ b[m][rows[i]] for every module m, in place; x [T, in],
+    a_t[m] [R, r, in], b[m] [R, r, p], out[m] [T, p] in x's dtype (column slices of one layer output are fine)."""
+    ops().lowrank_apply(x, tokens, rows, a_t, b, out)
+
+
+def lowrank_expand(h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, b: list[torch.Tensor],
+                   out: list[torch.Tensor]) -> None:
+    """out[m][tokens[i]] += h[i] @ b[m][rows[i]] for every module m, in place; h [n, r] fp32 (shared), b[m] [R, r, p]
+    with p = out[m]'s width or a period that repeats along it (MiSS mini blocks)."""
+    ops().lowrank_expand(h, tokens, rows, b, out)

@@ -1,0 +1,343 @@
+// tenfold's CPU kernels for per-token low-rank updates of one wrapped layer: for every module of the layer, the
+// shrink h = x A^T and the expand out += h B of each token with the table row of its adapter, reading the bucket's
+// tables in place (fp32 or bf16), summing in fp32 and rounding once into the layer's output. One call per layer
+// replaces the gather, batched matmuls, concatenation and index_add of the torch path.
+//
+// Work is split into items of at most kBlock consecutive tokens of one table row and one module (the caller passes
+// the bucket's tokens sorted by row), so each item streams its adapter's factors once for all of its tokens. Items
+// write disjoint (token, column) ranges: a bucket's tokens are distinct and the modules' output columns disjoint.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 4;    // tokens per work item: their sums stay in registers
+constexpr int64_t kColumns = 64; // output columns per expand pass (4 vectors of 16)
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// `n` values starting at p as floats into dst, and back (bf16: rounded to nearest even)
+inline void load_row(const float* p, int64_t n, float* dst) { std::memcpy(dst, p, n * sizeof(float)); }
+inline void store_row(const float* src, int64_t n, float* p) { std::memcpy(p, src, n * sizeof(float)); }
+
+inline void load_row(const c10::BFloat16* p, int64_t n, float* dst) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = to_float(p[i]);
+}
+
+inline void store_row(const float* src, int64_t n, c10::BFloat16* p) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+  for (; i < n; ++i) p[i] = c10::BFloat16(src[i]);
+}
+
+struct Item {
+  int64_t module, row, begin, end;  // module index; table row; positions [begin, end) in the token list
+};
+
+// h[t * r + j] for j in [j0, j0 + nj), nj <= 4, of the g <= kBlock token rows xs [g, in] (fp32)
+template <int G, typename W>
+inline void shrink_block(const float* xs, int64_t in, const W* a, int64_t lda, int64_t nj, float* h, int64_t r) {
+#if defined(__AVX512F__)
+  __m512 sum[G][4];
+  for (int t = 0; t < G; ++t)
+    for (int j = 0; j < 4; ++j) sum[t][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < in; i += 16) {
+    const __mmask16 m = in - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (in - i)) - 1);
+    __m512 w[4];
+    for (int j = 0; j < 4; ++j) {
+      if (j >= nj) {
+        w[j] = _mm512_setzero_ps();
+      } else if constexpr (std::is_same_v<W, float>) {
+        w[j] = _mm512_maskz_loadu_ps(m, a + j * lda + i);
+      } else {
+        const __m256i v = _mm256_maskz_loadu_epi16(m, a + j * lda + i);
+        w[j] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+      }
+    }
+    for (int t = 0; t < G; ++t) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, xs + t * in + i);
+      for (int j = 0; j < 4; ++j) sum[t][j] = _mm512_fmadd_ps(xv, w[j], sum[t][j]);
+    }
+  }
+  for (int t = 0; t < G; ++t)
+    for (int j = 0; j < nj; ++j) h[t * r + j] = _mm512_reduce_add_ps(sum[t][j]);
+#else
+  std::vector<float> w(in);
+  for (int64_t j = 0; j < nj; ++j) {
+    load_row(a + j * lda, in, w.data());
+    for (int t = 0; t < G; ++t) {
+      const float* xt = xs + t * in;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < in; ++i) s += xt[i] * w[i];
+      h[t * r + j] = s;
+    }
+  }
+#endif
+}
+
+// y[t, 0..nc) = sum_j h[t * r + j] b[j, c0..c0 + nc), nc <= kColumns, for G tokens
+template <int G, typename W>
+inline void expand_block(const float* h, int64_t r, const W* b, int64_t ldb, int64_t c0, int64_t nc, float* y) {
+#if defined(__AVX512F__)
+  __m512 acc[G][4];
+  __mmask16 m[4];
+  for (int v = 0; v < 4; ++v) {
+    const int64_t left = nc - 16 * v;
+    m[v] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
+    for (int t = 0; t < G; ++t) acc[t][v] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    __m512 w[4];
+    for (int v = 0; v < 4; ++v) {
+      if constexpr (std::is_same_v<W, float>) {
+        w[v] = _mm512_maskz_loadu_ps(m[v], b + j * ldb + c0 + 16 * v);
+      } else {
+        const __m256i raw = _mm256_maskz_loadu_epi16(m[v], b + j * ldb + c0 + 16 * v);
+        w[v] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      }
+    }
+    for (int t = 0; t < G; ++t) {
+      const __m512 s = _mm512_set1_ps(h[t * r + j]);
+      for (int v = 0; v < 4; ++v) acc[t][v] = _mm512_fmadd_ps(s, w[v], acc[t][v]);
+    }
+  }
+  for (int t = 0; t < G; ++t)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(y + t * kColumns + 16 * v, acc[t][v]);
+#else
+  float w[kColumns];
+  for (int t = 0; t < G; ++t) std::fill(y + t * kColumns, y + t * kColumns + nc, 0.f);
+  for (int64_t j = 0; j < r; ++j) {
+    load_row(b + j * ldb + c0, nc, w);
+    for (int t = 0; t < G; ++t) {
+      const float s = h[t * r + j];
+      float* yt = y + t * kColumns;
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) yt[c] += s * w[c];
+    }
+  }
+#endif
+}
+
+template <int G, typename W>
+inline void shrink_item(const float* xs, int64_t in, const W* a, int64_t lda, int64_t r, float* h) {
+  for (int64_t j = 0; j < r; j += 4) shrink_block<G>(xs, in, a + j * lda, lda, std::min<int64_t>(4, r - j), h + j, r);
+}
+
+// out rows += h b for the item's tokens; b's columns repeat along out when they are fewer (a period, MiSS mini)
+template <int G, typename W, typename O>
+inline void expand_item(const float* h, int64_t r, const W* b, int64_t ldb, int64_t period, O* const* out,
+                        int64_t width) {
+  float y[G * kColumns], row[kColumns];
+  for (int64_t c0 = 0; c0 < period; c0 += kColumns) {
+    const int64_t nc = std::min(kColumns, period - c0);
+    expand_block<G>(h, r, b, ldb, c0, nc, y);
+    for (int t = 0; t < G; ++t)
+      for (int64_t start = c0; start < width; start += period) {
+        load_row(out[t] + start, nc, row);
+#pragma omp simd
+        for (int64_t c = 0; c < nc; ++c) row[c] += y[t * kColumns + c];
+        store_row(row, nc, out[t] + start);
+      }
+  }
+}
+
+// one compile-time token count per item size, so the sums above live in registers
+template <typename F>
+inline void with_tokens(int64_t g, F&& f) {
+  switch (g) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// the modules of one token block side by side, so that the threads' contiguous shares of the items hold every
+// module alike (q's items are wider than k's and v's)
+std::vector<Item> work_items(const at::Tensor& rows_tensor, int64_t modules) {
+  const int64_t* rows = rows_tensor.data_ptr<int64_t>();
+  const int64_t n = rows_tensor.size(0);
+  std::vector<Item> items;
+  int64_t i = 0;
+  while (i < n) {
+    int64_t j = i + 1;
+    while (j < n && rows[j] == rows[i] && j - i < kBlock) ++j;
+    if (rows[i] >= 0)
+      for (int64_t m = 0; m < modules; ++m) items.push_back({m, rows[i], i, j});
+    i = j;
+  }
+  return items;
+}
+
+void check_tokens(const at::Tensor& tokens, const at::Tensor& rows, int64_t num_tokens) {
+  TORCH_CHECK(tokens.device().is_cpu() && rows.device().is_cpu(), "tenfold_cpu: CPU tensors only");
+  TORCH_CHECK(tokens.scalar_type() == at::kLong && rows.scalar_type() == at::kLong, "tokens and rows are int64");
+  TORCH_CHECK(tokens.dim() == 1 && tokens.is_contiguous() && rows.sizes() == tokens.sizes() && rows.is_contiguous(),
+              "tokens and rows: contiguous [n]");
+  const int64_t* tk = tokens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tokens.size(0); ++i)
+    TORCH_CHECK(tk[i] >= 0 && tk[i] < num_tokens, "tenfold_cpu: token ", tk[i], " of ", num_tokens);
+}
+
+// b[m] [R, r, p] tables (and a[m] [R, r, in] where given) of the same dtype and row count, each output out[m]
+// [T, width] with contiguous rows and width a multiple of p; every row index below R
+void check_modules(const at::TensorList b, const at::TensorList out, const at::Tensor& rows, int64_t r,
+                   int64_t num_tokens) {
+  TORCH_CHECK(!b.empty() && b.size() == out.size(), "tenfold_cpu: one output per table");
+  for (size_t m = 0; m < b.size(); ++m) {
+    TORCH_CHECK(b[m].dim() == 3 && b[m].stride(2) == 1 && b[m].size(1) == r, "b: tables [R, r, p] with rank ", r);
+    TORCH_CHECK(b[m].scalar_type() == b[0].scalar_type() && b[m].size(0) == b[0].size(0),
+                "b: tables of one dtype and row count");
+    TORCH_CHECK(out[m].dim() == 2 && out[m].stride(1) == 1 && out[m].size(0) == num_tokens &&
+                    out[m].size(1) % b[m].size(2) == 0 && out[m].scalar_type() == out[0].scalar_type(),
+                "out: [T, width] of one dtype, contiguous rows, width a multiple of b's columns");
+  }
+  TORCH_CHECK(b[0].scalar_type() == at::kFloat || b[0].scalar_type() == at::kBFloat16, "tables: fp32 or bf16");
+  TORCH_CHECK(out[0].scalar_type() == at::kFloat || out[0].scalar_type() == at::kBFloat16, "out: fp32 or bf16");
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i)
+    TORCH_CHECK(rw[i] < b[0].size(0), "tenfold_cpu: table row ", rw[i], " of a table with ", b[0].size(0), " rows");
+}
+
+template <typename T>
+std::vector<T*> pointers(const at::TensorList tensors) {
+  std::vector<T*> p;
+  for (const auto& t : tensors) p.push_back(static_cast<T*>(t.data_ptr()));
+  return p;
+}
+
+template <typename X, typename W>
+void apply_impl(const at::Tensor& x, const int64_t* tokens, const std::vector<Item>& items, const at::TensorList a,
+                const at::TensorList b, const at::TensorList out) {
+  const int64_t in = x.size(1), ldx = x.stride(0), r = a[0].size(1);
+  const X* xp = x.data_ptr<X>();
+  const auto ap = pointers<const W>(a);
+  const auto bp = pointers<const W>(b);
+  const auto op = pointers<X>(out);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> xs(kBlock * in), h(kBlock * r);
+    for (int64_t it = i0; it < i1; ++it) {
+      const Item& item = items[it];
+      const int64_t g = item.end - item.begin, m = item.module;
+      X* rows_out[kBlock];
+      for (int64_t t = 0; t < g; ++t) {
+        load_row(xp + tokens[item.begin + t] * ldx, in, xs.data() + t * in);
+        rows_out[t] = op[m] + tokens[item.begin + t] * out[m].stride(0);
+      }
+      with_tokens(g, [&](auto tokens_in_item) {
+        constexpr int G = decltype(tokens_in_item)::value;
+        shrink_item<G>(xs.data(), in, ap[m] + item.row * a[m].stride(0), a[m].stride(1), r, h.data());
+        expand_item<G>(h.data(), r, bp[m] + item.row * b[m].stride(0), b[m].stride(1), b[m].size(2), rows_out,
+                       out[m].size(1));
+      });
+    }
+  });
+}
+
+template <typename W, typename O>
+void expand_impl(const float* h, int64_t r, const int64_t* tokens, const std::vector<Item>& items,
+                 const at::TensorList b, const at::TensorList out) {
+  const auto bp = pointers<const W>(b);
+  const auto op = pointers<O>(out);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const Item& item = items[it];
+      const int64_t g = item.end - item.begin, m = item.module;
+      O* rows_out[kBlock];
+      for (int64_t t = 0; t < g; ++t) rows_out[t] = op[m] + tokens[item.begin + t] * out[m].stride(0);
+      with_tokens(g, [&](auto tokens_in_item) {
+        constexpr int G = decltype(tokens_in_item)::value;
+        expand_item<G>(h + item.begin * r, r, bp[m] + item.row * b[m].stride(0), b[m].stride(1), b[m].size(2),
+                       rows_out, out[m].size(1));
+      });
+    }
+  });
+}
+
+// out[m][tokens[i]] += (x[tokens[i]] @ a[m][rows[i]]^T) @ b[m][rows[i]] for every module m, in place
+void lowrank_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& rows, at::TensorList a,
+                   at::TensorList b, at::TensorList out) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [T, in] with contiguous rows");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: fp32 or bf16");
+  TORCH_CHECK(a.size() == b.size(), "tenfold_cpu: one a table per b table");
+  check_tokens(tokens, rows, x.size(0));
+  TORCH_CHECK(!a.empty(), "tenfold_cpu: no tables");
+  for (const auto& t : a)
+    TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1 && t.size(2) == x.size(1) && t.size(1) == a[0].size(1) &&
+                    t.scalar_type() == b[0].scalar_type() && t.size(0) == b[0].size(0),
+                "a: tables [R, r, in] matching x and the b tables");
+  check_modules(b, out, rows, a[0].size(1), x.size(0));
+  TORCH_CHECK(out[0].scalar_type() == x.scalar_type(), "out: the dtype of x");
+  const auto items = work_items(rows, static_cast<int64_t>(a.size()));
+  const int64_t* tk = tokens.data_ptr<int64_t>();
+  const bool xb = x.scalar_type() == at::kBFloat16, wb = b[0].scalar_type() == at::kBFloat16;
+  if (xb && wb) apply_impl<c10::BFloat16, c10::BFloat16>(x, tk, items, a, b, out);
+  else if (xb) apply_impl<c10::BFloat16, float>(x, tk, items, a, b, out);
+  else if (wb) apply_impl<float, c10::BFloat16>(x, tk, items, a, b, out);
+  else apply_impl<float, float>(x, tk, items, a, b, out);
+}
+
+// out[m][tokens[i]] += h[i] @ b[m][rows[i]] for every module m, in place; h [n, r] fp32 shared by the modules
+void lowrank_expand(const at::Tensor& h, const at::Tensor& tokens, const at::Tensor& rows, at::TensorList b,
+                    at::TensorList out) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.dim() == 2 && h.size(0) == tokens.size(0),
+              "h: contiguous fp32 [n, r]");
+  TORCH_CHECK(!out.empty(), "tenfold_cpu: no outputs");
+  check_tokens(tokens, rows, out[0].size(0));
+  check_modules(b, out, rows, h.size(1), out[0].size(0));
+  const auto items = work_items(rows, static_cast<int64_t>(b.size()));
+  const int64_t* tk = tokens.data_ptr<int64_t>();
+  const bool bb = b[0].scalar_type() == at::kBFloat16, ob = out[0].scalar_type() == at::kBFloat16;
+  const float* hp = h.data_ptr<float>();
+  if (bb && ob) expand_impl<c10::BFloat16, c10::BFloat16>(hp, h.size(1), tk, items, b, out);
+  else if (bb) expand_impl<c10::BFloat16, float>(hp, h.size(1), tk, items, b, out);
+  else if (ob) expand_impl<float, c10::BFloat16>(hp, h.size(1), tk, items, b, out);
+  else expand_impl<float, float>(hp, h.size(1), tk, items, b, out);
+}
+
+}  // namespace
+
+// the op namespace; tests build a portable variant (no AVX-512) under another name beside the native build
+#ifndef TENFOLD_CPU_OPS
+#define TENFOLD_CPU_OPS tenfold_cpu
+#endif
+
+TORCH_LIBRARY(TENFOLD_CPU_OPS, m) {
+  m.def("lowrank_apply(Tensor x, Tensor tokens, Tensor rows, Tensor[] a, Tensor[] b, Tensor(a!)[] out) -> ()");
+  m.def("lowrank_expand(Tensor h, Tensor tokens, Tensor rows, Tensor[] b, Tensor(a!)[] out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(TENFOLD_CPU_OPS, CPU, m) {
+  m.impl("lowrank_apply", &lowrank_apply);
+  m.impl("lowrank_expand", &lowrank_expand);
+}
