@@ -124,3 +124,64 @@ def test_an_unknown_choice_is_refused(monkeypatch):
     monkeypatch.setenv(cpu.ENV, "fast")
     with pytest.raises(ValueError, match="TENFOLD_CPU_KERNELS='fast'"):
         cpu.enabled()
+
+
+# --- lowrank_shrink: the shrink alone (LoRETTA adp: bias and activation on h between the shrink and the expand) -----
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fan_in,rank", [(72, 5), (576, 64), (130, 8), (40, 65)])
+def test_shrink_matches_the_formula(kernels, x_dtype, table_dtype, fan_in, rank):
+    g = torch.Generator().manual_seed(fan_in * 7 + rank)
+    num_tokens, table_rows = 37, 6
+    x = torch.randn(num_tokens, fan_in, generator=g).to(x_dtype)
+    a_t = [(torch.randn(table_rows, rank, fan_in, generator=g) / fan_in ** 0.5).to(table_dtype) for _ in range(2)]
+    tokens, rows = _bucket_tokens(num_tokens, table_rows, g)
+    rows[:3] = -1  # sorted still: rows below 0 are skipped, their h kept
+    # each h a column slice of a wider buffer (rows with a stride), filled with a value the shrink must overwrite
+    wide = torch.full((2, tokens.numel(), rank + 3), 7.0)
+    h = [w[:, 1: rank + 1] for w in wide]
+    before = wide.clone()
+
+    kernels.lowrank_shrink(x, tokens, rows, a_t, h)
+
+    kept = rows < 0
+    for a_m, h_m in zip(a_t, h):
+        expected = torch.einsum("ni,nri->nr", x.double()[tokens[~kept]], a_m.double()[rows[~kept]])
+        _close(h_m[~kept], expected, torch.float32)  # fp32 sums of the stored values, whatever their dtype
+    assert torch.equal(wide[:, kept], before[:, kept])
+    assert torch.equal(wide[:, :, 0], before[:, :, 0]) and torch.equal(wide[:, :, -2:], before[:, :, -2:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shrink_then_expand_is_apply_bit_for_bit(kernels, dtype):
+    g = torch.Generator().manual_seed(3)
+    num_tokens, table_rows, fan_in, rank, widths = 29, 5, 96, 12, [48, 80]
+    x = torch.randn(num_tokens, fan_in, generator=g).to(dtype)
+    a_t = [torch.randn(table_rows, rank, fan_in, generator=g).to(dtype) for _ in widths]
+    b = [torch.randn(table_rows, rank, w, generator=g).to(dtype) for w in widths]
+    tokens, rows = _bucket_tokens(num_tokens, table_rows, g)
+    applied, applied_outs = _layer_output(num_tokens, widths, dtype, g)
+    split = applied.clone()
+    split_outs = [split[:, 8 + sum(widths[:i]): 8 + sum(widths[: i + 1])] for i in range(len(widths))]
+
+    kernels.lowrank_apply(x, tokens, rows, a_t, b, applied_outs)
+    h = [torch.empty(tokens.numel(), rank) for _ in widths]
+    kernels.lowrank_shrink(x, tokens, rows, a_t, h)
+    for h_m, b_m, out in zip(h, b, split_outs):
+        kernels.lowrank_expand(h_m, tokens, rows, [b_m], [out])
+
+    assert torch.equal(split, applied)
+
+
+def test_shrink_refuses_bad_indices_and_outputs():  # through the wrapper the engine calls
+    x, a_t = torch.randn(4, 32), torch.randn(2, 4, 32)
+    h = torch.empty(2, 4)
+    with pytest.raises(RuntimeError, match="table row 2 of a table with 2 rows"):
+        cpu.lowrank_shrink(x, torch.tensor([0, 1]), torch.tensor([1, 2]), [a_t], [h])
+    with pytest.raises(RuntimeError, match="token 4 of 4"):
+        cpu.lowrank_shrink(x, torch.tensor([0, 4]), torch.tensor([1, 1]), [a_t], [h])
+    with pytest.raises(RuntimeError, match="h: fp32"):
+        cpu.lowrank_shrink(x, torch.tensor([0, 1]), torch.tensor([1, 1]), [a_t], [h.bfloat16()])
+    with pytest.raises(RuntimeError, match="h: fp32"):  # one row per token
+        cpu.lowrank_shrink(x, torch.tensor([0, 1]), torch.tensor([1, 1]), [a_t], [torch.empty(3, 4)])

@@ -31,6 +31,10 @@ class SlotStore:
         # torch ops; kernel_dtype (None: not used): the tables' of families with tenfold's CPU kernels
         self.spec, self.num_slots, self.dtype, self.device = spec, num_slots, dtype, device
         self.kernel_dtype = kernel_dtype
+        # frozen-weight copies: with the CPU kernels in their dtype and transposed, W0^T [in, out] (a row per input,
+        # contiguous along the outputs, as bat's kernel and a GEMM on the rows of x read it); else W0 [out, in]
+        self.frozen_dtype = kernel_dtype or dtype
+        self.frozen_transposed = kernel_dtype is not None
         self.shard = shard or Shard(spec)  # this worker's tensor-parallel part of every layer
         self.memory = AdapterArena(memory_bytes, device)  # every table and frozen-weight copy lives in it
         self.buckets: dict[int, Bucket] = {}  # active and idle buckets (idle: no slot uses it, tables kept)
@@ -137,12 +141,14 @@ class SlotStore:
 
     def _missing_frozen(self, bucket: Bucket) -> dict[tuple[int, str], tuple[int, int]]:
         """The frozen-weight copies the bucket reads that are not reserved yet, with their shapes."""
-        return {key: self.shard.weight_shape(key[1]) for key in sorted(bucket.frozen_weights() - self._frozen.keys())}
+        missing = sorted(bucket.frozen_weights() - self._frozen.keys())
+        shapes = {key: self.shard.weight_shape(key[1]) for key in missing}
+        return {key: shape[::-1] for key, shape in shapes.items()} if self.frozen_transposed else shapes
 
     def _place_frozen(self, missing: dict, what: str, keep: int | None, make_room, in_step: bool) -> None:
         """Place `missing` frozen-weight copies; kept for the engine's life (the same W0 rows serve every adapter
         that reads them)."""
-        packed = self._place(missing, self.dtype, what, keep, make_room, in_step)
+        packed = self._place(missing, self.frozen_dtype, what, keep, make_room, in_step)
         for key in missing:
             self._frozen[key] = packed
         if packed.arena is self.memory:
@@ -150,12 +156,13 @@ class SlotStore:
         _log.info("tenfold: %s of adapter memory holds %s", gib(packed.size), what)
 
     def frozen_weight(self, layer: int, module: str, read) -> torch.Tensor:
-        """The reserved copy of (layer, module)'s frozen weight rows, filled by read() -> [out, in] on first use."""
+        """The reserved copy of (layer, module)'s frozen weight rows [out, in] (a transposed view where the copy is
+        W0^T, `frozen_transposed`), filled by read() -> [out, in] on first use."""
         key = (layer, module)
         packed = self._frozen.get(key)
         if packed is None:
             raise RuntimeError(f"tenfold: no frozen-weight copy was reserved for layer {layer} {module}")
-        copy = packed.views[key]
+        copy = packed.views[key].t() if self.frozen_transposed else packed.views[key]
         if key not in self._frozen_filled:
             copy.copy_(read())
             self._frozen_filled.add(key)

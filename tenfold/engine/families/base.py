@@ -38,7 +38,7 @@ class LayerCall:
         self.x = x                           # [T, in] the layer input (the adapters' input, never modified)
         self.output = output                 # [T, out] the base output, updated in place (None before the GEMM)
         self.compute_dtype = compute_dtype
-        self.weight_of = weight_of           # module -> frozen weight rows [out_m, in] in compute_dtype (bat, adp)
+        self.weight_of = weight_of           # module -> frozen weight rows [out_m, in] (bat, adp; SlotStore.frozen_dtype)
         self.scratch: dict = {}              # what a bucket's adapt_input leaves for its apply, keyed by bucket
         self._x_compute: torch.Tensor | None = None
         self._pending: dict = {}

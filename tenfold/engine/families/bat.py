@@ -1,16 +1,19 @@
 """Bat: per (layer, module) one D_i [r, r] per output block, stored as D^T [r, out]; the apply makes a second pass
-over the frozen weight, for the bucket's tokens only."""
+over the frozen weight, for the bucket's tokens only (on CPU with tenfold's kernel, reading W0^T and the tables in the
+model's dtype)."""
 
 from __future__ import annotations
 
 from ...adapters.base import key_name
 from ...adapters.errors import where
+from ...kernels import cpu
 from ...kernels.bat import bat_delta, bat_table
 from .base import PerModuleBucket
 
 
 class BatBucket(PerModuleBucket):
     family = "bat"
+    has_cpu_kernels = True
 
     @classmethod
     def signature_of(cls, adapter):
@@ -32,6 +35,12 @@ class BatBucket(PerModuleBucket):
     def apply(self, call, group):
         targeted = self.targeted(call)
         if not targeted:
+            return
+        if self.cpu_kernels:  # every targeted module in one call, straight into the output's columns
+            names = [key_name((call.layer, m)) for m in targeted]
+            cpu.bat_apply(call.x_rows, group.tokens, group.token_rows, [self.tables[f"Dt.{n}"] for n in names],
+                          [call.weight_of(m).t() for m in targeted],  # the W0^T copies (SlotStore.frozen_transposed)
+                          [call.output[:, call.modules[m]] for m in targeted])
             return
         x = group.gather(call.x_compute)
         for m in targeted:

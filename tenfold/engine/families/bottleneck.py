@@ -7,6 +7,14 @@ tokens (the "carrier" half, exact), and the other half is corrected by W0_up (a_
 only. That is one extra pass over half of the fused weight per token, where correcting both halves of a GEMM on x
 would take the whole weight. The post-adapter on down_proj reads the layer's whole output, y = W0 x + a(W0 x):
 under tensor parallelism it runs after vLLM's all-reduce, on every rank on the same replicated output.
+
+On CPU (`cpu_kernels`) the bottleneck runs in tenfold's kernels (`tenfold.kernels.cpu`), reading the tables in the
+model's dtype in place: the shrink h = x W_down, then bias and activation in torch on the small fp32 [n, b] h, then
+the expand h W_up: straight into the output for the post-adapter; for the carrier into an fp32 buffer, added to the
+GEMM input's copy (rounded once) and reused by the correction. The tables fold the scaling into W_up and b_up, and
+keep s * b_up as an extra row of W_up read by a column of ones in h, so a(x) is one fp32 sum. The correction is one
+GEMM [n, d] @ W0^T [d, out_m] in the model's dtype on the transposed frozen copy (`SlotStore.frozen_transposed`)
+of the fp32 difference a_m(x) - a_carrier(x): oneDNN's bf16 GEMM runs it at twice the speed of the kernels' expand.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from transformers.activations import ACT2FN
 
 from ...adapters.base import key_name
 from ...adapters.loretta_adp.family import PLACEMENT
+from ...kernels import cpu
 from ...kernels.bottleneck import bottleneck
 from .base import PerModuleBucket
 
@@ -23,6 +32,7 @@ from .base import PerModuleBucket
 class BottleneckBucket(PerModuleBucket):
     family = "loretta_adp"
     reads_output = True
+    has_cpu_kernels = True
 
     def __init__(self, signature, spec, dtype, device, shard=None, cpu_kernels=False):
         super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
@@ -47,10 +57,15 @@ class BottleneckBucket(PerModuleBucket):
         for key in adapter.targets:
             w_down, b_down, w_up, b_up, scaling = adapter.bottleneck(key)
             name = key_name(key)
+            b_down = b_down if b_down is not None else torch.zeros(w_down.shape[1])
+            b_up = b_up if b_up is not None else torch.zeros(w_up.shape[1])
+            if self.cpu_kernels:  # the kernels' layout (module docstring): W_down as [b, d] rows, s folded into W_up
+                tensors.update({f"Wd_t.{name}": w_down.t(), f"bd.{name}": b_down,
+                                f"Wu.{name}": torch.cat([w_up, b_up[None]]) * scaling})
+                continue
             tensors.update({
                 f"Wd.{name}": w_down, f"Wu.{name}": w_up,
-                f"bd.{name}": b_down if b_down is not None else torch.zeros(w_down.shape[1]),
-                f"bu.{name}": b_up if b_up is not None else torch.zeros(w_up.shape[1]),
+                f"bd.{name}": b_down, f"bu.{name}": b_up,
                 f"s.{name}": torch.as_tensor(scaling, dtype=torch.float32).reshape(()),
             })
         return tensors
@@ -60,6 +75,25 @@ class BottleneckBucket(PerModuleBucket):
                           self.rows(f"Wu.{name}", group), self.rows(f"bu.{name}", group),
                           self.rows(f"s.{name}", group), self._act)
 
+    def _hidden(self, call, group, x, modules):
+        """The kernels' shrink side: per module m, act(x W_down + b_down) [n, b + 1] in fp32 for the group's tokens
+        (x [T, d] with contiguous rows), with a last column of ones that reads s * b_up from W_up's extra row."""
+        n, b, tables = group.tokens.numel(), self.bottleneck_size, self.tables
+        names = [key_name((call.layer, m)) for m in modules]
+        hidden = torch.empty(len(modules), n, b + 1)
+        cpu.lowrank_shrink(x, group.tokens, group.token_rows, [tables[f"Wd_t.{name}"] for name in names],
+                           [h[:, :b] for h in hidden])
+        hidden[:, :, b] = 1
+        for h, name in zip(hidden, names):
+            z = h[:, :b]
+            z.copy_(self._act(z.add_(tables[f"bd.{name}"].index_select(0, group.token_rows))))
+        return dict(zip(modules, hidden))
+
+    def _expand(self, call, group, h, module, out, tokens=None):
+        """out[tokens] += h @ [s W_up; s b_up] of module's adapters, in place (out: [T, d] with contiguous rows)."""
+        cpu.lowrank_expand(h, group.tokens if tokens is None else tokens, group.token_rows,
+                           [self.tables[f"Wu.{key_name((call.layer, module))}"]], [out])
+
     @classmethod
     def may_adapt_input(cls, module):
         return PLACEMENT.get(module) == "pre"
@@ -68,6 +102,16 @@ class BottleneckBucket(PerModuleBucket):
         pre = [m for m in self.targeted(call) if PLACEMENT[m] == "pre"]
         if not pre:
             return inputs
+        if self.cpu_kernels:
+            # a_carrier(x) in fp32, one row per token in the group's order: the correction in `apply` reuses it
+            hidden = self._hidden(call, group, call.x_rows, pre)
+            adapted = torch.zeros(group.tokens.numel(), call.x.shape[1])
+            self._expand(call, group, hidden[pre[0]], pre[0], adapted, torch.arange(group.tokens.numel()))
+            call.scratch[self] = pre[0], (hidden, adapted)
+            if inputs is call.x:  # the layer's own input stays as vLLM passed it
+                inputs = inputs.clone()
+            rows = inputs.index_select(0, group.tokens).float().add_(adapted)  # x + a(x), rounded once
+            return inputs.index_copy_(0, group.tokens, rows.to(inputs.dtype))
         x = group.gather(call.x_compute)
         outputs = {m: group.real_rows(self._adapter_output(key_name((call.layer, m)), x, group)) for m in pre}
         carrier = pre[0]
@@ -83,12 +127,35 @@ class BottleneckBucket(PerModuleBucket):
             # every other sub-module of the fused GEMM saw x + a_carrier(x) instead of x + a_m(x) (a_m = 0 where
             # the adapter does not target m)
             for m in call.modules:
-                if m != carrier:
+                if m != carrier and self.cpu_kernels:  # outputs: the kernels' h of each module and a_carrier(x)
+                    self._correct(call, group, carrier, *outputs, m)
+                elif m != carrier:
                     wrong = outputs[m] - outputs[carrier] if m in outputs else -outputs[carrier]
-                    call.add_rows(m, wrong @ call.weight_of(m).t())
+                    w0 = call.weight_of(m)  # in the frozen copies' dtype (bf16 beside the CPU kernels)
+                    call.add_rows(m, (wrong.to(w0.dtype) @ w0.t()).to(wrong.dtype))
+
+    def _correct(self, call, group, carrier, hidden, adapted, module):
+        """The kernels' correction of module's half of the fused GEMM: out[:, module] += (a_m(x) - a_carrier(x)) W0^T,
+        the difference summed in fp32 from `adapted` = a_carrier(x) (a_m = 0 for a module the adapter leaves alone)."""
+        wrong = adapted.neg()
+        if module in hidden:
+            self._expand(call, group, hidden[module], module, wrong, torch.arange(group.tokens.numel()))
+        # one GEMM on the transposed frozen copy (SlotStore.frozen_transposed) in its dtype, which runs at twice the
+        # speed of the kernels' expand with W0^T as a table; added to the tokens' rows gathered from the output's
+        # columns and copied back (an index_add into a column slice takes a slow scatter path)
+        w0_t = call.weight_of(module).t()  # W0^T [d, out_m]
+        columns = call.output[:, call.modules[module]]
+        rows = columns.index_select(0, group.tokens)
+        rows = torch.addmm(rows.to(w0_t.dtype), wrong.to(w0_t.dtype), w0_t)
+        columns.index_copy_(0, group.tokens, rows.to(columns.dtype))
 
     def apply_reduced(self, call, group):
         for m in self.targeted(call):
-            if PLACEMENT[m] == "post":  # the module's whole output is the adapter's input
+            if PLACEMENT[m] == "post" and self.cpu_kernels:
+                # the shrink reads every token's input before the expand writes: call.x may be call.output itself
+                columns = call.modules[m]
+                h = self._hidden(call, group, call.x_rows[:, columns], [m])[m]
+                self._expand(call, group, h, m, call.output[:, columns])
+            elif PLACEMENT[m] == "post":  # the module's whole output is the adapter's input
                 y = group.gather(call.x_compute[:, call.modules[m]])
                 call.add(m, group, self._adapter_output(key_name((call.layer, m)), y, group))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ...adapters.lorta.family import MATRICES
+from ...kernels import cpu
 from ...kernels.lorta import (lorta_expand_heads_in, lorta_expand_heads_out, lorta_shrink_heads_in,
                               lorta_shrink_heads_out)
 from .base import Bucket
@@ -30,6 +31,7 @@ QKV = "q_proj+k_proj+v_proj"  # the fused projection's sub-modules, as `LayerCal
 class LoRTABucket(Bucket):
     family = "lorta"
     keep_gathered_rows = True  # every table is shared by all layers (a row is 0.5-0.7M entries on 7B shapes at r=64)
+    has_cpu_kernels = True  # heads_out; heads_in computes with torch ops on its (small) rows cast to fp32
 
     def __init__(self, signature, spec, dtype, device, shard=None, cpu_kernels=False):
         super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
@@ -71,8 +73,18 @@ class LoRTABucket(Bucket):
         targeted = [m for m in call.modules if m in self.modules]
         if not targeted:
             return
-        x = group.gather(call.x_compute)
         layer = call.layer
+        if self.cpu_kernels and self.orientation == "heads_out":  # one call, straight into the output's heads
+            fused = f"HW.{'+'.join(call.modules)}"
+            if len(targeted) == len(call.modules) and fused in self.tables:
+                weights, outputs = [self.tables[fused][:, layer]], [call.output]
+            else:
+                weights = [self.tables[f"HW.{m}"][:, layer] for m in targeted]
+                outputs = [call.output[:, call.modules[m]] for m in targeted]
+            cpu.lorta_apply(call.x_rows, group.tokens, group.token_rows, self.tables[self._own("A_t", call)],
+                            self.tables["B"], weights, outputs)
+            return
+        x = group.gather(call.x_compute)
         if self.orientation == "heads_out":
             u = lorta_shrink_heads_out(x, self.rows(self._own("A_t", call), group).transpose(1, 2))
             fused = f"HW.{'+'.join(call.modules)}"
@@ -87,10 +99,13 @@ class LoRTABucket(Bucket):
                     call.add(m, group, lorta_expand_heads_out(u, self.rows(f"HW.{m}", group, layer),
                                                               self.rows("B", group)))
         else:
-            c_lm = self.rows("C_lm", group, layer)  # [C, 4, r]
-            u = lorta_shrink_heads_in(x, self.rows("B_t", group), self.rows(self._own("C_h", call), group))
+            def rows(name, layer=None):  # tables in the model's dtype beside the CPU kernels: cast the step's rows
+                return self.rows(name, group, layer).to(x.dtype)
+
+            c_lm = rows("C_lm", layer)  # [C, 4, r]
+            u = lorta_shrink_heads_in(x, rows("B_t"), rows(self._own("C_h", call)))
             for m in targeted:
-                a_t = self.rows("A_t_kv" if m in ("k_proj", "v_proj") else self._own("A_t", call), group)
+                a_t = rows("A_t_kv" if m in ("k_proj", "v_proj") else self._own("A_t", call))
                 call.add(m, group, lorta_expand_heads_in(u, c_lm[:, MATRICES.index(m)], a_t))
 
     def _own(self, name, call):

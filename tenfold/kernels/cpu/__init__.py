@@ -1,17 +1,22 @@
-"""tenfold's CPU kernels: C++ ops that apply per-token low-rank updates straight from a bucket's tables.
+"""tenfold's CPU kernels: C++ ops that apply per-token adapter updates straight from a bucket's tables.
 
     from tenfold.kernels import cpu
     cpu.lowrank_apply(x, tokens, rows, [a_q, a_v], [b_q, b_v], [out[:, q], out[:, v]])  # lora, loretta_rep
     cpu.lowrank_expand(h, tokens, rows, [d_q, d_v], [out[:, q], out[:, v]])              # miss: h = block sums
+    cpu.lowrank_shrink(x, tokens, rows, [wd_gate, wd_up], [h_gate, h_up])               # loretta_adp, then an expand
+    cpu.bat_apply(x, tokens, rows, [dt_q, dt_v], [w0t_q, w0t_v], [out[:, q], out[:, v]])  # bat
+    cpu.lorta_apply(x, tokens, rows, a_t, b, [head_weights_qkv[:, layer]], [out])             # lorta heads_out
 
 `tokens` [n] are the bucket's tokens sorted by table row, `rows` [n] their rows (int64, CPU); one table per module
 (of one layer), fp32 or bf16, read in place (no gather, no copy to fp32) and summed in fp32; each module's output is
-its column slice of the layer's output (bf16 or fp32), rounded once. One call per layer replaces the torch path's
-gather, batched matmuls, concatenation and index_add, whose per-op costs and fp32 copies of the tables dominate a
-decode step on CPU.
+its column slice of the layer's output (bf16 or fp32), rounded once; `lowrank_shrink` alone writes fp32 h instead, for
+families with other math between the shrink and the expand (loretta_adp: bias and activation). One call per layer
+replaces the torch path's gather, batched matmuls, concatenation and index_add, whose per-op costs and fp32 copies of
+the tables dominate a decode step on CPU. While one work item (an adapter's tokens) computes, the next item's table
+row is prefetched: a row is read in strided passes that the hardware prefetchers do not follow.
 
-The source (`lowrank.cpp`) is compiled on first use for this machine's CPU (`-march=native`: AVX-512 and
-AVX512-BF16 where present) into ~/.cache/tenfold/kernels (or $TENFOLD_KERNEL_CACHE), keyed by the source, the CPU's
+The sources (`*.cpp` beside this file, `common.h`) are compiled on first use for this machine's CPU (`-march=native`: AVX-512 and
+AVX512-BF16 where present) into ~/.cache/tenfold/kernels (or $TENFOLD_KERNEL_CACHE), keyed by the sources, the CPU's
 features and torch's version, so a cache shared by different machines never loads a build made for another CPU.
 The compiler is the one torch's inductor uses already (vLLM compiles the model with it on CPU). TENFOLD_CPU_KERNELS
 selects: `native` (default) builds and uses them, and a build that fails stops the engine with the compiler's
@@ -32,7 +37,16 @@ import torch
 
 ENV = "TENFOLD_CPU_KERNELS"
 CHOICES = ("native", "torch")
-SOURCE = Path(__file__).with_name("lowrank.cpp")
+FOLDER = Path(__file__).parent
+
+
+def sources() -> list[Path]:
+    """The kernels' C++ sources (one file per family of ops) and their shared header."""
+    return sorted(FOLDER.glob("*.cpp"))
+
+
+def _source_bytes() -> bytes:
+    return b"".join(path.read_bytes() for path in [*sources(), *sorted(FOLDER.glob("*.h"))])
 _log = logging.getLogger("vllm.tenfold")
 
 
@@ -61,7 +75,7 @@ NATIVE_FLAGS = ("-O3", "-march=native", "-fopenmp")
 
 
 def build_name(namespace: str = "tenfold_cpu", flags: tuple[str, ...] = NATIVE_FLAGS) -> str:
-    key = [SOURCE.read_bytes(), _cpu_features().encode(), torch.__version__.encode(), " ".join(flags).encode()]
+    key = [_source_bytes(), _cpu_features().encode(), torch.__version__.encode(), " ".join(flags).encode()]
     return f"{namespace}_{hashlib.sha256(b'|'.join(key)).hexdigest()[:16]}"
 
 
@@ -83,10 +97,10 @@ def build(namespace: str, flags: tuple[str, ...]):
         _log.info("tenfold: building the CPU kernels for this machine into %s (once, ~10-30 s)", directory)
     start = time.perf_counter()
     try:
-        load(name, [str(SOURCE)], extra_cflags=[*flags, f"-DTENFOLD_CPU_OPS={namespace}"],
+        load(name, [str(path) for path in sources()], extra_cflags=[*flags, f"-DTENFOLD_CPU_OPS={namespace}"],
              extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as error:  # the compiler's own message is in the error
-        raise RuntimeError(f"tenfold could not build its CPU kernels ({SOURCE.name}) in {directory}: {error}\n"
+        raise RuntimeError(f"tenfold could not build its CPU kernels ({FOLDER}) in {directory}: {error}\n"
                            f"They need the C++ compiler torch's inductor uses (g++); or set {ENV}=torch to serve with "
                            f"the slower torch ops") from error
     if fresh:
@@ -106,3 +120,27 @@ def lowrank_expand(h: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, b:
     """out[m][tokens[i]] += h[i] @ b[m][rows[i]] for every module m, in place; h [n, r] fp32 (shared), b[m] [R, r, p]
     with p = out[m]'s width or a period that repeats along it (MiSS mini blocks)."""
     ops().lowrank_expand(h, tokens, rows, b, out)
+
+
+def lowrank_shrink(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, a_t: list[torch.Tensor],
+                   h: list[torch.Tensor]) -> None:
+    """h[m][i] = x[tokens[i]] @ a_t[m][rows[i]].T for every module m, written in place (a token whose row is < 0 keeps
+    its h); x [T, in], a_t[m] [R, r, in], h[m] [n, r] fp32 with contiguous rows (column slices of a wider buffer are
+    fine). The shrink of `lowrank_apply` alone, for updates with other math before their expand (LoRETTA adp)."""
+    ops().lowrank_shrink(x, tokens, rows, a_t, h)
+
+
+def bat_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, d_t: list[torch.Tensor],
+              w0_t: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    """out[m][tokens[i]] += sum_j W0_ij D_i x_j + D_i sum_j x_j (Bat, r x r blocks) for every module m, in place;
+    x [T, in], d_t[m] [R, r, p] (`kernels.bat.bat_table` per row), w0_t[m] the frozen weight transposed [in, p] in the
+    tables' dtype, out[m] [T, p] in x's dtype."""
+    ops().bat_apply(x, tokens, rows, d_t, w0_t, out)
+
+
+def lorta_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor,
+                hw: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    """LoRTA heads_out: out[m][tokens[i], head h] += ((x[tokens[i]] @ a_t[rows[i]].T) * hw[m][rows[i], h]) @ b[rows[i]]
+    for every module m, in place; a_t [R, r, in], b [R, r, d_h], hw[m] [R, heads_m, r] (one layer's head weights,
+    a strided view is fine), out[m] [T, heads_m * d_h] in x's dtype."""
+    ops().lorta_apply(x, tokens, rows, a_t, b, hw, out)

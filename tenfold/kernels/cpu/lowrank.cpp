@@ -1,76 +1,57 @@
 // tenfold's CPU kernels for per-token low-rank updates of one wrapped layer: for every module of the layer, the
 // shrink h = x A^T and the expand out += h B of each token with the table row of its adapter, reading the bucket's
 // tables in place (fp32 or bf16), summing in fp32 and rounding once into the layer's output. One call per layer
-// replaces the gather, batched matmuls, concatenation and index_add of the torch path.
+// replaces the gather, batched matmuls, concatenation and index_add of the torch path. The shrink and the expand
+// also run alone, for updates with other math between them (LoRETTA adp: bias and activation on h; MiSS: its own
+// shrink).
 //
 // Work is split into items of at most kBlock consecutive tokens of one table row and one module (the caller passes
 // the bucket's tokens sorted by row), so each item streams its adapter's factors once for all of its tokens. Items
 // write disjoint (token, column) ranges: a bucket's tokens are distinct and the modules' output columns disjoint.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <torch/library.h>
+#include "common.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 namespace {
+
+using namespace tenfold_cpu_detail;
 
 constexpr int64_t kBlock = 4;    // tokens per work item: their sums stay in registers
 constexpr int64_t kColumns = 64; // output columns per expand pass (4 vectors of 16)
-
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) {
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// `n` values starting at p as floats into dst, and back (bf16: rounded to nearest even)
-inline void load_row(const float* p, int64_t n, float* dst) { std::memcpy(dst, p, n * sizeof(float)); }
-inline void store_row(const float* src, int64_t n, float* p) { std::memcpy(p, src, n * sizeof(float)); }
-
-inline void load_row(const c10::BFloat16* p, int64_t n, float* dst) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)));
-  }
-#endif
-  for (; i < n; ++i) dst[i] = to_float(p[i]);
-}
-
-inline void store_row(const float* src, int64_t n, c10::BFloat16* p) {
-  int64_t i = 0;
-#if defined(__AVX512BF16__)
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-#endif
-  for (; i < n; ++i) p[i] = c10::BFloat16(src[i]);
-}
 
 struct Item {
   int64_t module, row, begin, end;  // module index; table row; positions [begin, end) in the token list
 };
 
+// The next work item's factors (an adapter's table row), prefetched a few cache lines per step of the current
+// item: the blocks and passes walk a table row with strides that the hardware prefetchers do not follow, and one
+// item alone is too short to hide the trip from memory (into L2: its miss buffers hold more lines in flight).
+// sizeof(W) lines per step covers a row of r x in (shrink) or r x p (expand) entries over the item's steps.
+struct Ahead {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  template <typename W>
+  Ahead(const W* row, int64_t entries) : p(reinterpret_cast<const char*>(row)), end(p + entries * sizeof(W)) {}
+  Ahead() = default;
+  inline void lines(int n) {
+    for (int k = 0; k < n && p < end; ++k, p += 64) __builtin_prefetch(p, 0, 2);
+  }
+};
+
 // h[t * r + j] for j in [j0, j0 + nj), nj <= 4, of the g <= kBlock token rows xs [g, in] (fp32)
 template <int G, typename W>
-inline void shrink_block(const float* xs, int64_t in, const W* a, int64_t lda, int64_t nj, float* h, int64_t r) {
+inline void shrink_block(const float* xs, int64_t in, const W* a, int64_t lda, int64_t nj, float* h, int64_t r,
+                         Ahead& ahead) {
 #if defined(__AVX512F__)
   __m512 sum[G][4];
   for (int t = 0; t < G; ++t)
     for (int j = 0; j < 4; ++j) sum[t][j] = _mm512_setzero_ps();
   for (int64_t i = 0; i < in; i += 16) {
+    ahead.lines(sizeof(W));
     const __mmask16 m = in - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (in - i)) - 1);
     __m512 w[4];
     for (int j = 0; j < 4; ++j) {
@@ -107,7 +88,8 @@ inline void shrink_block(const float* xs, int64_t in, const W* a, int64_t lda, i
 
 // y[t, 0..nc) = sum_j h[t * r + j] b[j, c0..c0 + nc), nc <= kColumns, for G tokens
 template <int G, typename W>
-inline void expand_block(const float* h, int64_t r, const W* b, int64_t ldb, int64_t c0, int64_t nc, float* y) {
+inline void expand_block(const float* h, int64_t r, const W* b, int64_t ldb, int64_t c0, int64_t nc, float* y,
+                         Ahead& ahead) {
 #if defined(__AVX512F__)
   __m512 acc[G][4];
   __mmask16 m[4];
@@ -117,6 +99,7 @@ inline void expand_block(const float* h, int64_t r, const W* b, int64_t ldb, int
     for (int t = 0; t < G; ++t) acc[t][v] = _mm512_setzero_ps();
   }
   for (int64_t j = 0; j < r; ++j) {
+    ahead.lines(sizeof(W));
     __m512 w[4];
     for (int v = 0; v < 4; ++v) {
       if constexpr (std::is_same_v<W, float>) {
@@ -149,18 +132,78 @@ inline void expand_block(const float* h, int64_t r, const W* b, int64_t ldb, int
 }
 
 template <int G, typename W>
-inline void shrink_item(const float* xs, int64_t in, const W* a, int64_t lda, int64_t r, float* h) {
-  for (int64_t j = 0; j < r; j += 4) shrink_block<G>(xs, in, a + j * lda, lda, std::min<int64_t>(4, r - j), h + j, r);
+inline void shrink_item(const float* xs, int64_t in, const W* a, int64_t lda, int64_t r, float* h, Ahead ahead) {
+  for (int64_t j = 0; j < r; j += 4)
+    shrink_block<G>(xs, in, a + j * lda, lda, std::min<int64_t>(4, r - j), h + j, r, ahead);
 }
+
+#if defined(__AVX512BF16__)
+constexpr bool kDotBf16 = true;
+#else
+constexpr bool kDotBf16 = false;
+#endif
+
+// shrink_block for bf16 token rows and tables with AVX512-BF16's dot products of bf16 pairs: exact products summed
+// in fp32, a third of the instructions of converting both sides to fp32 for FMAs (used only where kDotBf16)
+template <int G>
+inline void shrink_block_bf16(const c10::BFloat16* xs, int64_t in, const c10::BFloat16* a, int64_t lda, int64_t nj,
+                              float* h, int64_t r, Ahead& ahead) {
+#if defined(__AVX512BF16__)
+  __m512 sum[G][4];
+  for (int t = 0; t < G; ++t)
+    for (int j = 0; j < 4; ++j) sum[t][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < in; i += 32) {
+    ahead.lines(4);  // 64 bytes of 4 rows per step: the next row of r x in bf16 entries over this item's steps
+    const __mmask32 m = in - i >= 32 ? static_cast<__mmask32>(0xFFFFFFFFu)
+                                     : static_cast<__mmask32>((1u << (in - i)) - 1);
+    __m512bh w[4];
+    for (int j = 0; j < 4; ++j)
+      w[j] = j < nj ? (__m512bh)_mm512_maskz_loadu_epi16(m, a + j * lda + i) : (__m512bh)_mm512_setzero_si512();
+    for (int t = 0; t < G; ++t) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xs + t * in + i);
+      for (int j = 0; j < 4; ++j) sum[t][j] = _mm512_dpbf16_ps(sum[t][j], xv, w[j]);
+    }
+  }
+  for (int t = 0; t < G; ++t)
+    for (int j = 0; j < nj; ++j) h[t * r + j] = _mm512_reduce_add_ps(sum[t][j]);
+#endif
+}
+
+// An item's token rows of x as its shrink reads them, and that shrink: fp32 rows for FMAs, or bf16 rows as they are
+// for AVX512-BF16's dot products where x and the tables are both bf16
+template <typename X, typename W>
+struct ItemShrink {
+  static constexpr bool kDot = kDotBf16 && std::is_same_v<X, c10::BFloat16> && std::is_same_v<W, c10::BFloat16>;
+  std::vector<std::conditional_t<kDot, c10::BFloat16, float>> xs;
+  int64_t in;
+
+  explicit ItemShrink(int64_t in) : xs(kBlock * in), in(in) {}
+
+  void load(int64_t t, const X* row) {
+    if constexpr (kDot) std::copy(row, row + in, xs.data() + t * in);
+    else load_row(row, in, xs.data() + t * in);
+  }
+
+  // h[t * r + j] = x_t . a[j] for the G loaded rows
+  template <int G>
+  void run(const W* a, int64_t lda, int64_t r, float* h, Ahead ahead) {
+    if constexpr (kDot) {
+      for (int64_t j = 0; j < r; j += 4)
+        shrink_block_bf16<G>(xs.data(), in, a + j * lda, lda, std::min<int64_t>(4, r - j), h + j, r, ahead);
+    } else {
+      shrink_item<G>(xs.data(), in, a, lda, r, h, ahead);
+    }
+  }
+};
 
 // out rows += h b for the item's tokens; b's columns repeat along out when they are fewer (a period, MiSS mini)
 template <int G, typename W, typename O>
 inline void expand_item(const float* h, int64_t r, const W* b, int64_t ldb, int64_t period, O* const* out,
-                        int64_t width) {
+                        int64_t width, Ahead ahead) {
   float y[G * kColumns], row[kColumns];
   for (int64_t c0 = 0; c0 < period; c0 += kColumns) {
     const int64_t nc = std::min(kColumns, period - c0);
-    expand_block<G>(h, r, b, ldb, c0, nc, y);
+    expand_block<G>(h, r, b, ldb, c0, nc, y, ahead);
     for (int t = 0; t < G; ++t)
       for (int64_t start = c0; start < width; start += period) {
         load_row(out[t] + start, nc, row);
@@ -199,16 +242,6 @@ std::vector<Item> work_items(const at::Tensor& rows_tensor, int64_t modules) {
   return items;
 }
 
-void check_tokens(const at::Tensor& tokens, const at::Tensor& rows, int64_t num_tokens) {
-  TORCH_CHECK(tokens.device().is_cpu() && rows.device().is_cpu(), "tenfold_cpu: CPU tensors only");
-  TORCH_CHECK(tokens.scalar_type() == at::kLong && rows.scalar_type() == at::kLong, "tokens and rows are int64");
-  TORCH_CHECK(tokens.dim() == 1 && tokens.is_contiguous() && rows.sizes() == tokens.sizes() && rows.is_contiguous(),
-              "tokens and rows: contiguous [n]");
-  const int64_t* tk = tokens.data_ptr<int64_t>();
-  for (int64_t i = 0; i < tokens.size(0); ++i)
-    TORCH_CHECK(tk[i] >= 0 && tk[i] < num_tokens, "tenfold_cpu: token ", tk[i], " of ", num_tokens);
-}
-
 // b[m] [R, r, p] tables (and a[m] [R, r, in] where given) of the same dtype and row count, each output out[m]
 // [T, width] with contiguous rows and width a multiple of p; every row index below R
 void check_modules(const at::TensorList b, const at::TensorList out, const at::Tensor& rows, int64_t r,
@@ -229,11 +262,14 @@ void check_modules(const at::TensorList b, const at::TensorList out, const at::T
     TORCH_CHECK(rw[i] < b[0].size(0), "tenfold_cpu: table row ", rw[i], " of a table with ", b[0].size(0), " rows");
 }
 
-template <typename T>
-std::vector<T*> pointers(const at::TensorList tensors) {
-  std::vector<T*> p;
-  for (const auto& t : tensors) p.push_back(static_cast<T*>(t.data_ptr()));
-  return p;
+// the table row that item `it` of a thread's items [.., end) reads from tables t (nothing past the last)
+template <typename W>
+inline Ahead row_ahead(const std::vector<Item>& items, int64_t it, int64_t end, const std::vector<const W*>& p,
+                       const at::TensorList t) {
+  if (it >= end) return {};
+  const Item& item = items[it];
+  const at::Tensor& table = t[item.module];
+  return Ahead(p[item.module] + item.row * table.stride(0), table.size(1) * table.stride(1));
 }
 
 template <typename X, typename W>
@@ -245,20 +281,22 @@ void apply_impl(const at::Tensor& x, const int64_t* tokens, const std::vector<It
   const auto bp = pointers<const W>(b);
   const auto op = pointers<X>(out);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> xs(kBlock * in), h(kBlock * r);
+    ItemShrink<X, W> shrink(in);
+    std::vector<float> h(kBlock * r);
     for (int64_t it = i0; it < i1; ++it) {
       const Item& item = items[it];
       const int64_t g = item.end - item.begin, m = item.module;
       X* rows_out[kBlock];
       for (int64_t t = 0; t < g; ++t) {
-        load_row(xp + tokens[item.begin + t] * ldx, in, xs.data() + t * in);
+        shrink.load(t, xp + tokens[item.begin + t] * ldx);
         rows_out[t] = op[m] + tokens[item.begin + t] * out[m].stride(0);
       }
       with_tokens(g, [&](auto tokens_in_item) {
         constexpr int G = decltype(tokens_in_item)::value;
-        shrink_item<G>(xs.data(), in, ap[m] + item.row * a[m].stride(0), a[m].stride(1), r, h.data());
+        shrink.template run<G>(ap[m] + item.row * a[m].stride(0), a[m].stride(1), r, h.data(),
+                               row_ahead(items, it + 1, i1, ap, a));
         expand_item<G>(h.data(), r, bp[m] + item.row * b[m].stride(0), b[m].stride(1), b[m].size(2), rows_out,
-                       out[m].size(1));
+                       out[m].size(1), row_ahead(items, it + 1, i1, bp, b));
       });
     }
   });
@@ -278,25 +316,58 @@ void expand_impl(const float* h, int64_t r, const int64_t* tokens, const std::ve
       with_tokens(g, [&](auto tokens_in_item) {
         constexpr int G = decltype(tokens_in_item)::value;
         expand_item<G>(h + item.begin * r, r, bp[m] + item.row * b[m].stride(0), b[m].stride(1), b[m].size(2),
-                       rows_out, out[m].size(1));
+                       rows_out, out[m].size(1), row_ahead(items, it + 1, i1, bp, b));
       });
     }
   });
 }
 
-// out[m][tokens[i]] += (x[tokens[i]] @ a[m][rows[i]]^T) @ b[m][rows[i]] for every module m, in place
-void lowrank_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& rows, at::TensorList a,
-                   at::TensorList b, at::TensorList out) {
+template <typename X, typename W>
+void shrink_impl(const at::Tensor& x, const int64_t* tokens, const std::vector<Item>& items, const at::TensorList a,
+                 const at::TensorList h) {
+  const int64_t in = x.size(1), ldx = x.stride(0), r = a[0].size(1);
+  const X* xp = x.data_ptr<X>();
+  const auto ap = pointers<const W>(a);
+  const auto hp = pointers<float>(h);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t i0, int64_t i1) {
+    ItemShrink<X, W> shrink(in);
+    std::vector<float> sums(kBlock * r);
+    for (int64_t it = i0; it < i1; ++it) {
+      const Item& item = items[it];
+      const int64_t g = item.end - item.begin, m = item.module;
+      for (int64_t t = 0; t < g; ++t) shrink.load(t, xp + tokens[item.begin + t] * ldx);
+      with_tokens(g, [&](auto tokens_in_item) {
+        constexpr int G = decltype(tokens_in_item)::value;
+        shrink.template run<G>(ap[m] + item.row * a[m].stride(0), a[m].stride(1), r, sums.data(),
+                               row_ahead(items, it + 1, i1, ap, a));
+      });
+      for (int64_t t = 0; t < g; ++t)
+        std::copy(sums.data() + t * r, sums.data() + (t + 1) * r, hp[m] + (item.begin + t) * h[m].stride(0));
+    }
+  });
+}
+
+// x [T, in] with contiguous rows in fp32 or bf16, and a[m] [R, r, in] tables of one dtype and shape beside it
+void check_shrink(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& rows, const at::TensorList a) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [T, in] with contiguous rows");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: fp32 or bf16");
-  TORCH_CHECK(a.size() == b.size(), "tenfold_cpu: one a table per b table");
   check_tokens(tokens, rows, x.size(0));
   TORCH_CHECK(!a.empty(), "tenfold_cpu: no tables");
   for (const auto& t : a)
     TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1 && t.size(2) == x.size(1) && t.size(1) == a[0].size(1) &&
-                    t.scalar_type() == b[0].scalar_type() && t.size(0) == b[0].size(0),
-                "a: tables [R, r, in] matching x and the b tables");
+                    t.scalar_type() == a[0].scalar_type() && t.size(0) == a[0].size(0),
+                "a: tables [R, r, in] of one dtype and shape, matching x");
+  TORCH_CHECK(a[0].scalar_type() == at::kFloat || a[0].scalar_type() == at::kBFloat16, "tables: fp32 or bf16");
+}
+
+// out[m][tokens[i]] += (x[tokens[i]] @ a[m][rows[i]]^T) @ b[m][rows[i]] for every module m, in place
+void lowrank_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& rows, at::TensorList a,
+                   at::TensorList b, at::TensorList out) {
+  TORCH_CHECK(a.size() == b.size(), "tenfold_cpu: one a table per b table");
+  check_shrink(x, tokens, rows, a);
   check_modules(b, out, rows, a[0].size(1), x.size(0));
+  TORCH_CHECK(a[0].scalar_type() == b[0].scalar_type() && a[0].size(0) == b[0].size(0),
+              "a: tables of the b tables' dtype and row count");
   TORCH_CHECK(out[0].scalar_type() == x.scalar_type(), "out: the dtype of x");
   const auto items = work_items(rows, static_cast<int64_t>(a.size()));
   const int64_t* tk = tokens.data_ptr<int64_t>();
@@ -325,19 +396,37 @@ void lowrank_expand(const at::Tensor& h, const at::Tensor& tokens, const at::Ten
   else expand_impl<float, float>(hp, h.size(1), tk, items, b, out);
 }
 
-}  // namespace
+// h[m][i] = x[tokens[i]] @ a[m][rows[i]]^T for every module m (fp32 [n, r], written; rows < 0 left as they are)
+void lowrank_shrink(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& rows, at::TensorList a,
+                    at::TensorList h) {
+  check_shrink(x, tokens, rows, a);
+  TORCH_CHECK(h.size() == a.size(), "tenfold_cpu: one h per a table");
+  for (const auto& t : h)
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 2 && t.size(0) == tokens.size(0) &&
+                    t.size(1) == a[0].size(1) && t.stride(1) == 1,
+                "h: fp32 [n, r] with contiguous rows");
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i)
+    TORCH_CHECK(rw[i] < a[0].size(0), "tenfold_cpu: table row ", rw[i], " of a table with ", a[0].size(0), " rows");
+  const auto items = work_items(rows, static_cast<int64_t>(a.size()));
+  const int64_t* tk = tokens.data_ptr<int64_t>();
+  const bool xb = x.scalar_type() == at::kBFloat16, wb = a[0].scalar_type() == at::kBFloat16;
+  if (xb && wb) shrink_impl<c10::BFloat16, c10::BFloat16>(x, tk, items, a, h);
+  else if (xb) shrink_impl<c10::BFloat16, float>(x, tk, items, a, h);
+  else if (wb) shrink_impl<float, c10::BFloat16>(x, tk, items, a, h);
+  else shrink_impl<float, float>(x, tk, items, a, h);
+}
 
-// the op namespace; tests build a portable variant (no AVX-512) under another name beside the native build
-#ifndef TENFOLD_CPU_OPS
-#define TENFOLD_CPU_OPS tenfold_cpu
-#endif
+}  // namespace
 
 TORCH_LIBRARY(TENFOLD_CPU_OPS, m) {
   m.def("lowrank_apply(Tensor x, Tensor tokens, Tensor rows, Tensor[] a, Tensor[] b, Tensor(a!)[] out) -> ()");
   m.def("lowrank_expand(Tensor h, Tensor tokens, Tensor rows, Tensor[] b, Tensor(a!)[] out) -> ()");
+  m.def("lowrank_shrink(Tensor x, Tensor tokens, Tensor rows, Tensor[] a, Tensor(a!)[] h) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(TENFOLD_CPU_OPS, CPU, m) {
   m.impl("lowrank_apply", &lowrank_apply);
   m.impl("lowrank_expand", &lowrank_expand);
+  m.impl("lowrank_shrink", &lowrank_shrink);
 }
