@@ -709,7 +709,7 @@ def _patch_native_execution() -> None:
             self.lora_slots, len(wrappers), f" on tensor-parallel rank {shard.rank}/{shard.size}" if shard.sharded
             else "", gib(budget), str(dtype).removeprefix("torch."),
             "" if kernel_dtype is None else
-            f"; lora, loretta_rep and miss tables in {str(kernel_dtype).removeprefix('torch.')}, applied by tenfold's "
+            f"; {_kernel_families()} tables in {str(kernel_dtype).removeprefix('torch.')}, applied by tenfold's "
             f"CPU kernels",
             f"--adapter-memory {budget_from_env() / (1 << 30):g}" if budget_from_env() else
             f"the default: twice what vLLM's LoRA reserves for max_loras={self.lora_slots} and "
@@ -927,3 +927,11 @@ def _patch_residency() -> None:
     WorkerLoRAManager.remove_adapter = remove_adapter
     WorkerBase.tenfold_residency = tenfold_residency
     WorkerBase.tenfold_pin = tenfold_pin
+
+
+def _kernel_families() -> str:
+    """The families whose tables tenfold's CPU kernels read in the model's dtype, for the start-up log."""
+    from .families import BUCKETS
+
+    families = sorted(f for f, bucket in BUCKETS.items() if bucket.has_cpu_kernels)
+    return "every family's" if len(families) == len(BUCKETS) else ", ".join(families)

@@ -9,12 +9,15 @@ would take the whole weight. The post-adapter on down_proj reads the layer's who
 under tensor parallelism it runs after vLLM's all-reduce, on every rank on the same replicated output.
 
 On CPU (`cpu_kernels`) the bottleneck runs in tenfold's kernels (`tenfold.kernels.cpu`), reading the tables in the
-model's dtype in place: the shrink h = x W_down, then bias and activation in torch on the small fp32 [n, b] h, then
-the expand h W_up: straight into the output for the post-adapter; for the carrier into an fp32 buffer, added to the
-GEMM input's copy (rounded once) and reused by the correction. The tables fold the scaling into W_up and b_up, and
-keep s * b_up as an extra row of W_up read by a column of ones in h, so a(x) is one fp32 sum. The correction is one
-GEMM [n, d] @ W0^T [d, out_m] in the model's dtype on the transposed frozen copy (`SlotStore.frozen_transposed`)
-of the fp32 difference a_m(x) - a_carrier(x): oneDNN's bf16 GEMM runs it at twice the speed of the kernels' expand.
+model's dtype in place. The tables fold the scaling into W_up and b_up, and keep s * b_up as an extra row of W_up
+read by a column of ones in h, so a(x) is one fp32 sum. For the activations the kernels compute
+(`cpu.BOTTLENECK_ACTIVATIONS`) one call per layer does everything: `bottleneck_apply` adds the post-adapter into the
+output, `bottleneck_pre` writes x + a_carrier(x) into the GEMM input's copy and the difference a_m(x) - a_carrier(x)
+that the correction reads. For other activations the shrink h = x W_down runs in the kernels, bias and activation in
+torch on the small fp32 [n, b] h, then the kernels' expand. The correction is one GEMM of the difference with W0^T
+[d, out_m] in the model's dtype on the transposed frozen copy (`SlotStore.frozen_transposed`): oneDNN's bf16 GEMM
+runs it at twice the speed of the kernels' expand; when the group holds most of the step's tokens, over all of them
+in place (the other tokens' differences are zeros), which spares gathering and scattering the output's rows.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class BottleneckBucket(PerModuleBucket):
         super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
         _, self.bottleneck_size, non_linearity, _ = signature
         self._act = ACT2FN[non_linearity]
+        # the name the fused kernels take, where they compute this activation
+        self._kernel_act = non_linearity if non_linearity in cpu.BOTTLENECK_ACTIVATIONS else None
 
     @classmethod
     def signature_of(cls, adapter):
@@ -89,6 +94,13 @@ class BottleneckBucket(PerModuleBucket):
             z.copy_(self._act(z.add_(tables[f"bd.{name}"].index_select(0, group.token_rows))))
         return dict(zip(modules, hidden))
 
+    def _kernel_tables(self, call, modules):
+        """The fused kernels' tables of `modules` in this layer: W_down^T, b_down and W_up' lists."""
+        names = [key_name((call.layer, m)) for m in modules]
+        tables = self.tables
+        return ([tables[f"Wd_t.{n}"] for n in names], [tables[f"bd.{n}"] for n in names],
+                [tables[f"Wu.{n}"] for n in names])
+
     def _expand(self, call, group, h, module, out, tokens=None):
         """out[tokens] += h @ [s W_up; s b_up] of module's adapters, in place (out: [T, d] with contiguous rows)."""
         cpu.lowrank_expand(h, group.tokens if tokens is None else tokens, group.token_rows,
@@ -101,6 +113,16 @@ class BottleneckBucket(PerModuleBucket):
     def adapt_input(self, call, group, inputs):
         pre = [m for m in self.targeted(call) if PLACEMENT[m] == "pre"]
         if not pre:
+            return inputs
+        if self.cpu_kernels and self._kernel_act is not None:
+            if inputs is call.x:  # the layer's own input stays as vLLM passed it
+                inputs = inputs.clone()
+            # difference [T, d] in the model's dtype (that of the frozen copies beside the kernels), zero outside
+            # the group: the correction in `apply` reads it
+            difference = torch.zeros_like(call.x)
+            cpu.bottleneck_pre(call.x_rows, group.tokens, group.token_rows, *self._kernel_tables(call, pre),
+                               self._kernel_act, inputs, difference)
+            call.scratch[self] = pre[0], difference
             return inputs
         if self.cpu_kernels:
             # a_carrier(x) in fp32, one row per token in the group's order: the correction in `apply` reuses it
@@ -127,12 +149,26 @@ class BottleneckBucket(PerModuleBucket):
             # every other sub-module of the fused GEMM saw x + a_carrier(x) instead of x + a_m(x) (a_m = 0 where
             # the adapter does not target m)
             for m in call.modules:
-                if m != carrier and self.cpu_kernels:  # outputs: the kernels' h of each module and a_carrier(x)
+                if m != carrier and isinstance(outputs, torch.Tensor):  # the fused kernels' difference
+                    self._correct_difference(call, group, outputs, m)
+                elif m != carrier and self.cpu_kernels:  # outputs: the kernels' h of each module and a_carrier(x)
                     self._correct(call, group, carrier, *outputs, m)
                 elif m != carrier:
                     wrong = outputs[m] - outputs[carrier] if m in outputs else -outputs[carrier]
                     w0 = call.weight_of(m)  # in the frozen copies' dtype (bf16 beside the CPU kernels)
                     call.add_rows(m, (wrong.to(w0.dtype) @ w0.t()).to(wrong.dtype))
+
+    def _correct_difference(self, call, group, difference, module):
+        """out[:, module] += (a_m(x) - a_carrier(x)) W0^T from `bottleneck_pre`'s difference [T, d]."""
+        w0_t = call.weight_of(module).t()  # W0^T [d, out_m]
+        difference = difference.to(w0_t.dtype)
+        columns = call.output[:, call.modules[module]]
+        if 2 * group.tokens.numel() >= columns.shape[0]:  # one GEMM over every row, in place
+            columns.addmm_(difference, w0_t)
+            return
+        rows = columns.index_select(0, group.tokens)
+        rows = torch.addmm(rows.to(w0_t.dtype), difference.index_select(0, group.tokens), w0_t)
+        columns.index_copy_(0, group.tokens, rows.to(columns.dtype))
 
     def _correct(self, call, group, carrier, hidden, adapted, module):
         """The kernels' correction of module's half of the fused GEMM: out[:, module] += (a_m(x) - a_carrier(x)) W0^T,
@@ -151,7 +187,11 @@ class BottleneckBucket(PerModuleBucket):
 
     def apply_reduced(self, call, group):
         for m in self.targeted(call):
-            if PLACEMENT[m] == "post" and self.cpu_kernels:
+            if PLACEMENT[m] == "post" and self.cpu_kernels and self._kernel_act is not None:
+                columns = call.modules[m]  # x may be call.output itself: each token's x is read before its update
+                cpu.bottleneck_apply(call.x_rows[:, columns], group.tokens, group.token_rows,
+                                     *self._kernel_tables(call, [m]), self._kernel_act, [call.output[:, columns]])
+            elif PLACEMENT[m] == "post" and self.cpu_kernels:
                 # the shrink reads every token's input before the expand writes: call.x may be call.output itself
                 columns = call.modules[m]
                 h = self._hidden(call, group, call.x_rows[:, columns], [m])[m]

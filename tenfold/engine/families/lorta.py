@@ -31,7 +31,7 @@ QKV = "q_proj+k_proj+v_proj"  # the fused projection's sub-modules, as `LayerCal
 class LoRTABucket(Bucket):
     family = "lorta"
     keep_gathered_rows = True  # every table is shared by all layers (a row is 0.5-0.7M entries on 7B shapes at r=64)
-    has_cpu_kernels = True  # heads_out; heads_in computes with torch ops on its (small) rows cast to fp32
+    has_cpu_kernels = True  # both orientations: one kernel call per layer call
 
     def __init__(self, signature, spec, dtype, device, shard=None, cpu_kernels=False):
         super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
@@ -84,6 +84,13 @@ class LoRTABucket(Bucket):
             cpu.lorta_apply(call.x_rows, group.tokens, group.token_rows, self.tables[self._own("A_t", call)],
                             self.tables["B"], weights, outputs)
             return
+        if self.cpu_kernels:  # heads_in: one call, the shrink over the input heads, each module's expand
+            c_lm = self.tables["C_lm"][:, layer]  # [R, 4, r]
+            cpu.lorta_in_apply(call.x_rows, group.tokens, group.token_rows, self.tables["B_t"],
+                               self.tables[self._own("C_h", call)], [c_lm[:, MATRICES.index(m)] for m in targeted],
+                               [self.tables["A_t_kv" if m in ("k_proj", "v_proj") else self._own("A_t", call)]
+                                for m in targeted], [call.output[:, call.modules[m]] for m in targeted])
+            return
         x = group.gather(call.x_compute)
         if self.orientation == "heads_out":
             u = lorta_shrink_heads_out(x, self.rows(self._own("A_t", call), group).transpose(1, 2))
@@ -99,13 +106,10 @@ class LoRTABucket(Bucket):
                     call.add(m, group, lorta_expand_heads_out(u, self.rows(f"HW.{m}", group, layer),
                                                               self.rows("B", group)))
         else:
-            def rows(name, layer=None):  # tables in the model's dtype beside the CPU kernels: cast the step's rows
-                return self.rows(name, group, layer).to(x.dtype)
-
-            c_lm = rows("C_lm", layer)  # [C, 4, r]
-            u = lorta_shrink_heads_in(x, rows("B_t"), rows(self._own("C_h", call)))
+            c_lm = self.rows("C_lm", group, layer)  # [C, 4, r]
+            u = lorta_shrink_heads_in(x, self.rows("B_t", group), self.rows(self._own("C_h", call), group))
             for m in targeted:
-                a_t = rows("A_t_kv" if m in ("k_proj", "v_proj") else self._own("A_t", call))
+                a_t = self.rows("A_t_kv" if m in ("k_proj", "v_proj") else self._own("A_t", call), group)
                 call.add(m, group, lorta_expand_heads_in(u, c_lm[:, MATRICES.index(m)], a_t))
 
     def _own(self, name, call):

@@ -1,11 +1,15 @@
 """tenfold's CPU kernels: C++ ops that apply per-token adapter updates straight from a bucket's tables.
 
     from tenfold.kernels import cpu
-    cpu.lowrank_apply(x, tokens, rows, [a_q, a_v], [b_q, b_v], [out[:, q], out[:, v]])  # lora, loretta_rep
-    cpu.lowrank_expand(h, tokens, rows, [d_q, d_v], [out[:, q], out[:, v]])              # miss: h = block sums
-    cpu.lowrank_shrink(x, tokens, rows, [wd_gate, wd_up], [h_gate, h_up])               # loretta_adp, then an expand
+    cpu.lowrank_apply(x, tokens, rows, [a_q, a_v], [b_q, b_v], [out[:, q], out[:, v]])   # lora, loretta_rep
+    cpu.lowrank_expand(h, tokens, rows, [d_q, d_v], [out[:, q], out[:, v]])               # miss: h = block sums
+    cpu.lowrank_shrink(x, tokens, rows, [wd_gate, wd_up], [h_gate, h_up])                # then other math, an expand
     cpu.bat_apply(x, tokens, rows, [dt_q, dt_v], [w0t_q, w0t_v], [out[:, q], out[:, v]])  # bat
-    cpu.lorta_apply(x, tokens, rows, a_t, b, [head_weights_qkv[:, layer]], [out])             # lorta heads_out
+    cpu.lorta_apply(x, tokens, rows, a_t, b, [head_weights_qkv[:, layer]], [out])        # lorta heads_out
+    cpu.lorta_in_apply(x, tokens, rows, b_t, c_h, [c_lm_q, c_lm_k], [a_t, a_t_kv], [out[:, q], out[:, k]])  # heads_in
+    cpu.bottleneck_apply(x, tokens, rows, [wd_t], [bd], [wu], "relu", [out])             # loretta_adp post-adapter
+    cpu.bottleneck_pre(x, tokens, rows, [wd_g, wd_u], [bd_g, bd_u], [wu_g, wu_u], "relu", inputs, difference)
+                                                                                        # loretta_adp pre-adapters
 
 `tokens` [n] are the bucket's tokens sorted by table row, `rows` [n] their rows (int64, CPU); one table per module
 (of one layer), fp32 or bf16, read in place (no gather, no copy to fp32) and summed in fp32; each module's output is
@@ -144,3 +148,35 @@ def lorta_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, a_t: 
     for every module m, in place; a_t [R, r, in], b [R, r, d_h], hw[m] [R, heads_m, r] (one layer's head weights,
     a strided view is fine), out[m] [T, heads_m * d_h] in x's dtype."""
     ops().lorta_apply(x, tokens, rows, a_t, b, hw, out)
+
+
+def lorta_in_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, b_t: torch.Tensor, c_h: torch.Tensor,
+                   w: list[torch.Tensor], a_t: list[torch.Tensor], out: list[torch.Tensor]) -> None:
+    """LoRTA heads_in: with u = sum_h c_h[rows[i], h] * (x[tokens[i], head h] @ b_t[rows[i]]),
+    out[m][tokens[i]] += (u * w[m][rows[i]]) @ a_t[m][rows[i]] for every module m, in place; b_t [R, d_h, r], c_h
+    [R, H, r] with H * d_h = x's width, w[m] [R, r] (c_lm of one layer and module, a strided view is fine), a_t[m]
+    [R, r, out_m], out[m] [T, out_m] in x's dtype."""
+    ops().lorta_in_apply(x, tokens, rows, b_t, c_h, w, a_t, out)
+
+
+# the activations (transformers' ACT2FN names) that `bottleneck_apply` and `bottleneck_pre` compute
+BOTTLENECK_ACTIVATIONS = frozenset({"linear", "relu", "tanh", "sigmoid", "silu", "swish", "gelu", "gelu_new",
+                                    "gelu_pytorch_tanh"})
+
+
+def bottleneck_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, wd_t: list[torch.Tensor],
+                     bd: list[torch.Tensor], wu: list[torch.Tensor], activation: str, out: list[torch.Tensor]) -> None:
+    """LoRETTA adp's bottleneck: out[m][tokens[i]] += [act(x[tokens[i]] @ wd_t[m][r].T + bd[m][r]), 1] @ wu[m][r] with
+    r = rows[i], for every module m, in place (out[m] [T, out_m] in x's dtype; x may be out itself); wd_t[m]
+    [R, b, d], bd[m] [R, b], wu[m] [R, b + 1, out_m] (the scaled W_up with s * b_up as its last row)."""
+    ops().bottleneck_apply(x, tokens, rows, wd_t, bd, wu, activation, out)
+
+
+def bottleneck_pre(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, wd_t: list[torch.Tensor],
+                   bd: list[torch.Tensor], wu: list[torch.Tensor], activation: str, inputs: torch.Tensor,
+                   difference: torch.Tensor) -> None:
+    """LoRETTA adp's pre-adapters of a fused GEMM: with a_m as in `bottleneck_apply` (modules: the carrier, then the
+    other one where the adapter targets it), inputs[tokens[i]] = x[tokens[i]] + a_0 (rounded once; inputs [T, d]
+    in x's dtype, not x itself) and difference[tokens[i]] = a_1 - a_0 (a_1 = 0 for one module; [T, d], fp32 or bf16).
+    Rows of other tokens are left as they are."""
+    ops().bottleneck_pre(x, tokens, rows, wd_t, bd, wu, activation, inputs, difference)

@@ -1,14 +1,16 @@
-// tenfold's CPU kernel for LoRTA (heads_out) of one wrapped layer: per token with its adapter's row, the shared
+// tenfold's CPU kernels for LoRTA of one wrapped layer, per token with its adapter's row. heads_out: the shared
 // shrink u = A x [r], then for every module m and each of its output heads h
 //     out_m[h * d_h : (h + 1) * d_h] += (u * w_m[h]) B,
-// w_m = c_lm * C_h, the head weights of this layer and matrix (the bucket's HW tables). The arithmetic is a few
+// w_m = c_lm * C_h, the head weights of this layer and matrix (the bucket's HW tables). heads_in: the shrink sums
+// the input heads, u = sum_h C_h[h] * (B x_h), then out_m += (u * c_lm[m]) A^T_m. The arithmetic is a few
 // thousand multiply-adds per token; what this replaces is the torch path's ~10 ops per layer call (gather, casts,
 // batched matmuls, scaled copies, index_add), whose fixed costs dominated LoRTA's decode step on CPU.
 //
-// Work items: runs of up to kRun tokens of one row (the caller passes the bucket's tokens sorted by row), every
-// module inside the item so the shrink is shared; items write disjoint output rows.
+// Work items: runs of up to kBlock tokens of one row (the caller passes the bucket's tokens sorted by row), every
+// module inside the item so the shrink is shared; items write disjoint output rows. The shrink and each head's
+// expand are the register-blocked blocks of the low-rank kernels (blocks.h).
 
-#include "common.h"
+#include "blocks.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -18,60 +20,104 @@ namespace {
 
 using namespace tenfold_cpu_detail;
 
-constexpr int64_t kRun = 4;
-
 template <typename X, typename W>
 void lorta_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows, int64_t n, const at::Tensor& a_t,
                 const at::Tensor& b, const at::TensorList hw, const at::TensorList out) {
   const int64_t in = x.size(1), r = a_t.size(1), head_dim = b.size(2);
-  std::vector<int64_t> starts;  // item boundaries: runs of one row, at most kRun tokens
+  std::vector<int64_t> starts;  // item boundaries: runs of one row, at most kBlock tokens
   for (int64_t i = 0; i < n;) {
     int64_t j = i + 1;
-    while (j < n && rows[j] == rows[i] && j - i < kRun) ++j;
+    while (j < n && rows[j] == rows[i] && j - i < kBlock) ++j;
     if (rows[i] >= 0) starts.push_back(i);
     i = j;
   }
+  const X* xp = x.data_ptr<X>();
+  const auto hp = pointers<const W>(hw);
+  const auto op = pointers<X>(out);
   at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> xs(kRun * in), a_row(in), u(kRun * r), bf(r * head_dim), y(head_dim), o(head_dim), w(r);
+    ItemShrink<X, W> shrink(in);
+    // u = A x per token; s = u * w_h per token for one head; B in fp32 for the item's heads (a few KB, in L1)
+    std::vector<float> u(kBlock * r), s(kBlock * r), bf(r * head_dim), w(r);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t begin = starts[it], row = rows[begin];
       int64_t end = begin + 1;
-      while (end < n && rows[end] == row && end - begin < kRun) ++end;
-      for (int64_t t = begin; t < end; ++t)
-        load_row(x.data_ptr<X>() + tokens[t] * x.stride(0), in, xs.data() + (t - begin) * in);
-      const W* a = a_t.data_ptr<W>() + row * a_t.stride(0);
-      for (int64_t k = 0; k < r; ++k) {  // u[t, k] = A[k] . x_t
-        load_row(a + k * a_t.stride(1), in, a_row.data());
-        for (int64_t t = begin; t < end; ++t) {
-          const float* xt = xs.data() + (t - begin) * in;
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t c = 0; c < in; ++c) sum += a_row[c] * xt[c];
-          u[(t - begin) * r + k] = sum;
-        }
-      }
+      while (end < n && rows[end] == row && end - begin < kBlock) ++end;
+      for (int64_t t = begin; t < end; ++t) shrink.load(t - begin, xp + tokens[t] * x.stride(0));
       const W* bp = b.data_ptr<W>() + row * b.stride(0);
       for (int64_t k = 0; k < r; ++k) load_row(bp + k * b.stride(1), head_dim, bf.data() + k * head_dim);
-      for (size_t m = 0; m < hw.size(); ++m) {
-        const W* hp = hw[m].data_ptr<W>() + row * hw[m].stride(0);
-        for (int64_t h = 0; h < hw[m].size(1); ++h) {
-          load_row(hp + h * hw[m].stride(1), r, w.data());
-          for (int64_t t = begin; t < end; ++t) {
-            std::fill(y.begin(), y.end(), 0.f);
-            for (int64_t k = 0; k < r; ++k) {
-              const float scaled = u[(t - begin) * r + k] * w[k];
-              const float* bk = bf.data() + k * head_dim;
-#pragma omp simd
-              for (int64_t c = 0; c < head_dim; ++c) y[c] += scaled * bk[c];
+      with_tokens(end - begin, [&](auto tokens_in_item) {
+        constexpr int G = decltype(tokens_in_item)::value;
+        shrink.template run<G>(a_t.data_ptr<W>() + row * a_t.stride(0), a_t.stride(1), r, u.data(), Ahead());
+        for (size_t m = 0; m < hw.size(); ++m) {
+          for (int64_t h = 0; h < hw[m].size(1); ++h) {
+            load_row(hp[m] + row * hw[m].stride(0) + h * hw[m].stride(1), r, w.data());
+            X* dst[kBlock];
+            for (int t = 0; t < G; ++t) {
+              for (int64_t k = 0; k < r; ++k) s[t * r + k] = u[t * r + k] * w[k];
+              dst[t] = op[m] + tokens[begin + t] * out[m].stride(0) + h * head_dim;
             }
-            X* dst = out[m].data_ptr<X>() + tokens[t] * out[m].stride(0) + h * head_dim;
-            load_row(dst, head_dim, o.data());
-#pragma omp simd
-            for (int64_t c = 0; c < head_dim; ++c) o[c] += y[c];
-            store_row(o.data(), head_dim, dst);
+            expand_item<G>(s.data(), r, bf.data(), head_dim, head_dim, dst, head_dim, Ahead());
           }
         }
+      });
+    }
+  });
+}
+
+template <typename X, typename W>
+void heads_in_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows, int64_t n, const at::Tensor& b_t,
+                   const at::Tensor& c_h, const at::TensorList w, const at::TensorList a_t, const at::TensorList out) {
+  const int64_t in = x.size(1), head_dim = b_t.size(1), r = b_t.size(2), heads = c_h.size(1);
+  std::vector<int64_t> starts;  // item boundaries: runs of one row, at most kBlock tokens
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1;
+    while (j < n && rows[j] == rows[i] && j - i < kBlock) ++j;
+    if (rows[i] >= 0) starts.push_back(i);
+    i = j;
+  }
+  const X* xp = x.data_ptr<X>();
+  at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t i0, int64_t i1) {
+    // the item's B^T [d_h, r] and C_h [H, r] in fp32, its token rows, per token u [r] and the scaled u of a module
+    std::vector<float> bt(head_dim * r), ch(heads * r), xs(kBlock * in), s(r), u(kBlock * r), scaled(kBlock * r),
+        wm(r);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t begin = starts[it], row = rows[begin];
+      int64_t end = begin + 1;
+      while (end < n && rows[end] == row && end - begin < kBlock) ++end;
+      const W* bp = b_t.data_ptr<W>() + row * b_t.stride(0);
+      for (int64_t c = 0; c < head_dim; ++c) load_row(bp + c * b_t.stride(1), r, bt.data() + c * r);
+      const W* cp = c_h.data_ptr<W>() + row * c_h.stride(0);
+      for (int64_t h = 0; h < heads; ++h) load_row(cp + h * c_h.stride(1), r, ch.data() + h * r);
+      for (int64_t t = begin; t < end; ++t) {  // u = sum_h C_h[h] * (B x_h)
+        float* xt = xs.data() + (t - begin) * in;
+        float* ut = u.data() + (t - begin) * r;
+        load_row(xp + tokens[t] * x.stride(0), in, xt);
+        std::fill(ut, ut + r, 0.f);
+        for (int64_t h = 0; h < heads; ++h) {
+          std::fill(s.begin(), s.end(), 0.f);
+          for (int64_t c = 0; c < head_dim; ++c) {
+            const float xv = xt[h * head_dim + c];
+            const float* bc = bt.data() + c * r;
+#pragma omp simd
+            for (int64_t k = 0; k < r; ++k) s[k] += xv * bc[k];
+          }
+#pragma omp simd
+          for (int64_t k = 0; k < r; ++k) ut[k] += ch[h * r + k] * s[k];
+        }
       }
+      with_tokens(end - begin, [&](auto tokens_in_item) {
+        constexpr int G = decltype(tokens_in_item)::value;
+        for (size_t m = 0; m < w.size(); ++m) {  // out_m += (u * c_lm[m]) A^T_m
+          load_row(w[m].data_ptr<W>() + row * w[m].stride(0), r, wm.data());
+          X* dst[kBlock];
+          for (int t = 0; t < G; ++t) {
+            for (int64_t k = 0; k < r; ++k) scaled[t * r + k] = u[t * r + k] * wm[k];
+            dst[t] = out[m].data_ptr<X>() + tokens[begin + t] * out[m].stride(0);
+          }
+          expand_item<G>(scaled.data(), r, a_t[m].data_ptr<W>() + row * a_t[m].stride(0), a_t[m].stride(1),
+                         a_t[m].size(2), dst, out[m].size(1), Ahead());
+        }
+      });
     }
   });
 }
@@ -109,10 +155,53 @@ void lorta_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor
   else lorta_impl<float, float>(x, tk, rw, n, a_t, b, hw, out);
 }
 
+// heads_in: out[m][tokens[i]] += ((sum_h C_h[h] * (B x_h)) * w[m]) A^T_m for every module m, in place, with the
+// tables' row rows[i]: B^T = b_t[row] [d_h, r], C_h = c_h[row] [H, r] (H * d_h = in), w[m] = c_lm of this layer and
+// module [R, r], A^T_m = a_t[m][row] [r, out_m] (k and v: the group-averaged rows)
+void lorta_in_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& b_t,
+                    const at::Tensor& c_h, at::TensorList w, at::TensorList a_t, at::TensorList out) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [T, in] with contiguous rows");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: fp32 or bf16");
+  check_tokens(tokens, rows, x.size(0));
+  TORCH_CHECK(b_t.dim() == 3 && b_t.stride(2) == 1, "b_t: [R, d_h, r]");
+  TORCH_CHECK(b_t.scalar_type() == at::kFloat || b_t.scalar_type() == at::kBFloat16, "tables: fp32 or bf16");
+  const int64_t R = b_t.size(0), r = b_t.size(2);
+  TORCH_CHECK(c_h.dim() == 3 && c_h.stride(2) == 1 && c_h.size(0) == R && c_h.size(2) == r &&
+                  c_h.size(1) * b_t.size(1) == x.size(1) && c_h.scalar_type() == b_t.scalar_type(),
+              "c_h: [R, H, r] with H * d_h = x's width, b_t's rows, rank and dtype");
+  TORCH_CHECK(!w.empty() && w.size() == a_t.size() && w.size() == out.size(), "lorta: one w, a_t and out per module");
+  for (size_t m = 0; m < w.size(); ++m) {
+    TORCH_CHECK(w[m].dim() == 2 && w[m].stride(1) == 1 && w[m].size(0) == R && w[m].size(1) == r &&
+                    w[m].scalar_type() == b_t.scalar_type(),
+                "lorta: module weights [R, r] with b_t's rows, rank and dtype");
+    TORCH_CHECK(a_t[m].dim() == 3 && a_t[m].stride(2) == 1 && a_t[m].size(0) == R && a_t[m].size(1) == r &&
+                    a_t[m].scalar_type() == b_t.scalar_type(),
+                "a_t: [R, r, out] with b_t's rows, rank and dtype");
+    TORCH_CHECK(out[m].dim() == 2 && out[m].stride(1) == 1 && out[m].size(0) == x.size(0) &&
+                    out[m].size(1) == a_t[m].size(2) && out[m].scalar_type() == x.scalar_type(),
+                "out: [T, out] in the dtype of x, contiguous rows");
+  }
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i)
+    TORCH_CHECK(rw[i] < R, "tenfold_cpu: table row ", rw[i], " of a table with ", R, " rows");
+  const int64_t* tk = tokens.data_ptr<int64_t>();
+  const int64_t n = tokens.size(0);
+  const bool xb = x.scalar_type() == at::kBFloat16, wb = b_t.scalar_type() == at::kBFloat16;
+  if (xb && wb) heads_in_impl<c10::BFloat16, c10::BFloat16>(x, tk, rw, n, b_t, c_h, w, a_t, out);
+  else if (xb) heads_in_impl<c10::BFloat16, float>(x, tk, rw, n, b_t, c_h, w, a_t, out);
+  else if (wb) heads_in_impl<float, c10::BFloat16>(x, tk, rw, n, b_t, c_h, w, a_t, out);
+  else heads_in_impl<float, float>(x, tk, rw, n, b_t, c_h, w, a_t, out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TENFOLD_CPU_OPS, m) {
   m.def("lorta_apply(Tensor x, Tensor tokens, Tensor rows, Tensor a_t, Tensor b, Tensor[] hw, Tensor(a!)[] out) -> ()");
+  m.def("lorta_in_apply(Tensor x, Tensor tokens, Tensor rows, Tensor b_t, Tensor c_h, Tensor[] w, Tensor[] a_t, "
+        "Tensor(a!)[] out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(TENFOLD_CPU_OPS, CPU, m) { m.impl("lorta_apply", &lorta_apply); }
+TORCH_LIBRARY_IMPL(TENFOLD_CPU_OPS, CPU, m) {
+  m.impl("lorta_apply", &lorta_apply);
+  m.impl("lorta_in_apply", &lorta_in_apply);
+}
