@@ -1,10 +1,10 @@
 """tenfold's CPU kernels for LoRTA against the formula in float64. heads_out (`tenfold.kernels.cpu.lorta_apply`): per
 token u = A x, then every output head h of every module gains (u * w[h]) B, w the head weights of one layer (a
-strided view of the bucket's [R, L, heads, r] table). heads_in (`lorta_in_apply`): u = sum_h C_h[h] * (B x_h) over
-the input's heads, then every module gains (u * c_lm[layer, m]) A^T_m. Every dtype pair, head widths and ranks off
-the vector width, runs of one adapter longer than a work item, several modules' column slices of one output, rows
-below 0 skipped, and everything outside the bucket's tokens and the modules' columns left bit for bit; native and
-portable (no AVX-512) builds."""
+strided view of the bucket's [R, L, heads, r] table). heads_in (`lorta_in_apply`): u = A_in x (the sum over the
+input's heads as one matrix), then every module gains (u * c_lm[layer, m]) A^T_m. Every dtype pair, head widths and
+ranks off the vector width, runs of one adapter longer than a work item, several modules' column slices of one
+output, rows below 0 skipped, and everything outside the bucket's tokens and the modules' columns left bit for bit;
+native and portable (no AVX-512) builds."""
 
 from __future__ import annotations
 
@@ -48,19 +48,24 @@ def test_lorta_heads_in_matches_the_formula(kernels, x_dtype, table_dtype, heads
     num_tokens, rows_of_table, layers, layer = 29, 5, 3, 2
     tokens, rows = _bucket_tokens(num_tokens, rows_of_table, g)
     x = torch.randn(num_tokens, heads * head_dim, generator=g).to(x_dtype)
-    b_t = (torch.randn(rows_of_table, head_dim, rank, generator=g) * 0.1).to(table_dtype)
-    c_h = torch.randn(rows_of_table, heads, rank, generator=g).to(table_dtype)
+    b_t = torch.randn(rows_of_table, head_dim, rank, generator=g, dtype=torch.float64) * 0.1
+    c_h = torch.randn(rows_of_table, heads, rank, generator=g, dtype=torch.float64)
+    # the bucket's A_in [r, in]: C_h[h, k] * B^T[c, k] at column h * d_h + c
+    a_in = (c_h[:, :, None, :] * b_t[:, None]).reshape(rows_of_table, -1, rank).transpose(1, 2)
+    probe = torch.randn(heads * head_dim, dtype=torch.float64, generator=g)
+    heads_sum = (c_h[0] * (probe.reshape(heads, head_dim) @ b_t[0])).sum(0)  # sum_h C_h[h] * (B x_h)
+    torch.testing.assert_close(a_in[0] @ probe, heads_sum)
+    a_in = a_in.contiguous().to(table_dtype)
     c_lm = torch.randn(rows_of_table, layers, 4, rank, generator=g).to(table_dtype)
     a_t = [(torch.randn(rows_of_table, rank, w, generator=g) * 0.1).to(table_dtype) for w in widths]
     wide, outs = _layer_output(num_tokens, widths, x_dtype, g)
     before = wide.clone()
     expected = [o.double().clone() for o in outs]
     for token, row in zip(tokens.tolist(), rows.tolist()):
-        x_heads = x[token].double().reshape(heads, head_dim)
-        u = (c_h[row].double() * (x_heads @ b_t[row].double())).sum(0)  # sum over heads of C_h[h] * (B x_h)
+        u = a_in[row].double() @ x[token].double()
         for m in range(len(widths)):
             expected[m][token] += (u * c_lm[row, layer, m].double()) @ a_t[m][row].double()
-    kernels.lorta_in_apply(x, tokens, rows, b_t, c_h, [c_lm[:, layer, m] for m in range(len(widths))], a_t, outs)
+    kernels.lorta_in_apply(x, tokens, rows, a_in, [c_lm[:, layer, m] for m in range(len(widths))], a_t, outs)
     for m in range(len(widths)):
         _close(outs[m], expected[m], x_dtype)
     _untouched(wide, before, tokens, outs)
@@ -68,15 +73,15 @@ def test_lorta_heads_in_matches_the_formula(kernels, x_dtype, table_dtype, heads
 
 def test_lorta_heads_in_refuses_bad_input():
     x, out = torch.randn(3, 32), torch.zeros(3, 8)
-    b_t, c_h, w, a_t = torch.randn(2, 16, 4), torch.randn(2, 2, 4), torch.randn(2, 4), torch.randn(2, 4, 8)
-    cpu.lorta_in_apply(x, torch.tensor([0, 2]), torch.tensor([-1, -1]), b_t, c_h, [w], [a_t], [out])
+    a_in, w, a_t = torch.randn(2, 4, 32), torch.randn(2, 4), torch.randn(2, 4, 8)
+    cpu.lorta_in_apply(x, torch.tensor([0, 2]), torch.tensor([-1, -1]), a_in, [w], [a_t], [out])
     assert torch.equal(out, torch.zeros(3, 8)), "a row below 0 (no adapter) adds nothing"
     with pytest.raises(RuntimeError, match="table row 2 of a table with 2 rows"):
-        cpu.lorta_in_apply(x, torch.tensor([0]), torch.tensor([2]), b_t, c_h, [w], [a_t], [out])
-    with pytest.raises(RuntimeError, match="H \\* d_h = x's width"):
-        cpu.lorta_in_apply(x, torch.tensor([0]), torch.tensor([0]), b_t, c_h[:, :1], [w], [a_t], [out])
+        cpu.lorta_in_apply(x, torch.tensor([0]), torch.tensor([2]), a_in, [w], [a_t], [out])
+    with pytest.raises(RuntimeError, match="a_in: \\[R, r, in\\] matching x"):
+        cpu.lorta_in_apply(x, torch.tensor([0]), torch.tensor([0]), a_in[:, :, :16], [w], [a_t], [out])
     with pytest.raises(RuntimeError, match="out: \\[T, out\\]"):
-        cpu.lorta_in_apply(x, torch.tensor([0]), torch.tensor([0]), b_t, c_h, [w], [a_t], [out[:, :4]])
+        cpu.lorta_in_apply(x, torch.tensor([0]), torch.tensor([0]), a_in, [w], [a_t], [out[:, :4]])
 
 
 def test_lorta_skips_tokens_without_a_row_and_refuses_bad_input():

@@ -1,6 +1,7 @@
 """LoRTA: one row holds the adapter's factors, shared by every layer, with its head weights precomputed per layer.
 
-Stored per row: the shrink factor (heads_out: A^T [r, d]; heads_in: B^T [d_h, r] with the head factors C_h), the
+Stored per row: the shrink factor (heads_out: A^T [r, d]; heads_in: B^T [d_h, r] with the head factors C_h, or
+beside tenfold's CPU kernels their product A_in [r, d], one matrix for the register-blocked shrink), the
 expand factor (heads_out: B [r, d_h]; heads_in: A^T [r, d] and its group-averaged k/v rows) and the scalings
 c_lm = C_l[layer] * C_m[matrix] * alpha / r. heads_out stores them already multiplied into the head factors, per
 layer and matrix ([L, heads, r], C_h group-averaged for grouped-query k/v, and q|k|v side by side for the fused
@@ -60,8 +61,17 @@ class LoRTABucket(Bucket):
                 tables["A_t.o_proj"] = a[shard.in_range("o_proj")].t()
             return tables
         a_kv = a.reshape(-1, group, b.shape[1], r).mean(1).reshape(-1, r)
-        tables = {"B_t": b.t(), "C_h": c_h, "A_t": a.t()[:, shard.out_range("q_proj")],
-                  "A_t_kv": a_kv.t()[:, shard.out_range("k_proj")], "C_lm": c_lm}
+        tables = {"A_t": a.t()[:, shard.out_range("q_proj")], "A_t_kv": a_kv.t()[:, shard.out_range("k_proj")],
+                  "C_lm": c_lm}
+        if self.cpu_kernels:  # the shrink as one [r, in] matrix: C_h[h, k] * B^T[c, k] at column h * d_h + c
+            def a_in(heads):
+                return (heads.float()[:, None, :] * b.t().float()[None]).reshape(-1, r).t()
+
+            tables["A_in"] = a_in(c_h)
+            if o_local:
+                tables.update({"A_t.o_proj": a.t(), "A_in.o_proj": a_in(c_h[shard.heads_in("o_proj")])})
+            return tables
+        tables.update({"B_t": b.t(), "C_h": c_h})
         if o_local:
             tables.update({"A_t.o_proj": a.t(), "C_h.o_proj": c_h[shard.heads_in("o_proj")]})
         return tables
@@ -86,8 +96,8 @@ class LoRTABucket(Bucket):
             return
         if self.cpu_kernels:  # heads_in: one call, the shrink over the input heads, each module's expand
             c_lm = self.tables["C_lm"][:, layer]  # [R, 4, r]
-            cpu.lorta_in_apply(call.x_rows, group.tokens, group.token_rows, self.tables["B_t"],
-                               self.tables[self._own("C_h", call)], [c_lm[:, MATRICES.index(m)] for m in targeted],
+            cpu.lorta_in_apply(call.x_rows, group.tokens, group.token_rows, self.tables[self._own("A_in", call)],
+                               [c_lm[:, MATRICES.index(m)] for m in targeted],
                                [self.tables["A_t_kv" if m in ("k_proj", "v_proj") else self._own("A_t", call)]
                                 for m in targeted], [call.output[:, call.modules[m]] for m in targeted])
             return

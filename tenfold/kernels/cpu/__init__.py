@@ -6,7 +6,7 @@
     cpu.lowrank_shrink(x, tokens, rows, [wd_gate, wd_up], [h_gate, h_up])                # then other math, an expand
     cpu.bat_apply(x, tokens, rows, [dt_q, dt_v], [w0t_q, w0t_v], [out[:, q], out[:, v]])  # bat
     cpu.lorta_apply(x, tokens, rows, a_t, b, [head_weights_qkv[:, layer]], [out])        # lorta heads_out
-    cpu.lorta_in_apply(x, tokens, rows, b_t, c_h, [c_lm_q, c_lm_k], [a_t, a_t_kv], [out[:, q], out[:, k]])  # heads_in
+    cpu.lorta_in_apply(x, tokens, rows, a_in, [c_lm_q, c_lm_k], [a_t, a_t_kv], [out[:, q], out[:, k]])  # heads_in
     cpu.bottleneck_apply(x, tokens, rows, [wd_t], [bd], [wu], "relu", [out])             # loretta_adp post-adapter
     cpu.bottleneck_pre(x, tokens, rows, [wd_g, wd_u], [bd_g, bd_u], [wu_g, wu_u], "relu", inputs, difference)
                                                                                         # loretta_adp pre-adapters
@@ -150,13 +150,13 @@ def lorta_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, a_t: 
     ops().lorta_apply(x, tokens, rows, a_t, b, hw, out)
 
 
-def lorta_in_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, b_t: torch.Tensor, c_h: torch.Tensor,
+def lorta_in_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, a_in: torch.Tensor,
                    w: list[torch.Tensor], a_t: list[torch.Tensor], out: list[torch.Tensor]) -> None:
-    """LoRTA heads_in: with u = sum_h c_h[rows[i], h] * (x[tokens[i], head h] @ b_t[rows[i]]),
-    out[m][tokens[i]] += (u * w[m][rows[i]]) @ a_t[m][rows[i]] for every module m, in place; b_t [R, d_h, r], c_h
-    [R, H, r] with H * d_h = x's width, w[m] [R, r] (c_lm of one layer and module, a strided view is fine), a_t[m]
-    [R, r, out_m], out[m] [T, out_m] in x's dtype."""
-    ops().lorta_in_apply(x, tokens, rows, b_t, c_h, w, a_t, out)
+    """LoRTA heads_in: with u = a_in[rows[i]] @ x[tokens[i]] (a_in [R, r, in]: C_h[h, k] * B^T[c, k] at column
+    h * d_h + c, the sum over the input's heads as one matrix), out[m][tokens[i]] += (u * w[m][rows[i]]) @
+    a_t[m][rows[i]] for every module m, in place; w[m] [R, r] (c_lm of one layer and module, a strided view is
+    fine), a_t[m] [R, r, out_m], out[m] [T, out_m] in x's dtype."""
+    ops().lorta_in_apply(x, tokens, rows, a_in, w, a_t, out)
 
 
 # the activations (transformers' ACT2FN names) that `bottleneck_apply` and `bottleneck_pre` compute

@@ -2,7 +2,8 @@
 // shrink u = A x [r], then for every module m and each of its output heads h
 //     out_m[h * d_h : (h + 1) * d_h] += (u * w_m[h]) B,
 // w_m = c_lm * C_h, the head weights of this layer and matrix (the bucket's HW tables). heads_in: the shrink sums
-// the input heads, u = sum_h C_h[h] * (B x_h), then out_m += (u * c_lm[m]) A^T_m. The arithmetic is a few
+// the input heads, u = sum_h C_h[h] * (B x_h) = A_in x with A_in the bucket's [r, in] product of C_h and B^T (one
+// matrix, read by the register-blocked shrink), then out_m += (u * c_lm[m]) A^T_m. The arithmetic is a few
 // thousand multiply-adds per token; what this replaces is the torch path's ~10 ops per layer call (gather, casts,
 // batched matmuls, scaled copies, index_add), whose fixed costs dominated LoRTA's decode step on CPU.
 //
@@ -65,9 +66,9 @@ void lorta_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows,
 }
 
 template <typename X, typename W>
-void heads_in_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows, int64_t n, const at::Tensor& b_t,
-                   const at::Tensor& c_h, const at::TensorList w, const at::TensorList a_t, const at::TensorList out) {
-  const int64_t in = x.size(1), head_dim = b_t.size(1), r = b_t.size(2), heads = c_h.size(1);
+void heads_in_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows, int64_t n, const at::Tensor& a_in,
+                   const at::TensorList w, const at::TensorList a_t, const at::TensorList out) {
+  const int64_t in = x.size(1), r = a_in.size(1);
   std::vector<int64_t> starts;  // item boundaries: runs of one row, at most kBlock tokens
   for (int64_t i = 0; i < n;) {
     int64_t j = i + 1;
@@ -77,36 +78,16 @@ void heads_in_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* ro
   }
   const X* xp = x.data_ptr<X>();
   at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t i0, int64_t i1) {
-    // the item's B^T [d_h, r] and C_h [H, r] in fp32, its token rows, per token u [r] and the scaled u of a module
-    std::vector<float> bt(head_dim * r), ch(heads * r), xs(kBlock * in), s(r), u(kBlock * r), scaled(kBlock * r),
-        wm(r);
+    ItemShrink<X, W> shrink(in);
+    std::vector<float> u(kBlock * r), scaled(kBlock * r), wm(r);  // per token u, and u * c_lm of one module
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t begin = starts[it], row = rows[begin];
       int64_t end = begin + 1;
       while (end < n && rows[end] == row && end - begin < kBlock) ++end;
-      const W* bp = b_t.data_ptr<W>() + row * b_t.stride(0);
-      for (int64_t c = 0; c < head_dim; ++c) load_row(bp + c * b_t.stride(1), r, bt.data() + c * r);
-      const W* cp = c_h.data_ptr<W>() + row * c_h.stride(0);
-      for (int64_t h = 0; h < heads; ++h) load_row(cp + h * c_h.stride(1), r, ch.data() + h * r);
-      for (int64_t t = begin; t < end; ++t) {  // u = sum_h C_h[h] * (B x_h)
-        float* xt = xs.data() + (t - begin) * in;
-        float* ut = u.data() + (t - begin) * r;
-        load_row(xp + tokens[t] * x.stride(0), in, xt);
-        std::fill(ut, ut + r, 0.f);
-        for (int64_t h = 0; h < heads; ++h) {
-          std::fill(s.begin(), s.end(), 0.f);
-          for (int64_t c = 0; c < head_dim; ++c) {
-            const float xv = xt[h * head_dim + c];
-            const float* bc = bt.data() + c * r;
-#pragma omp simd
-            for (int64_t k = 0; k < r; ++k) s[k] += xv * bc[k];
-          }
-#pragma omp simd
-          for (int64_t k = 0; k < r; ++k) ut[k] += ch[h * r + k] * s[k];
-        }
-      }
+      for (int64_t t = begin; t < end; ++t) shrink.load(t - begin, xp + tokens[t] * x.stride(0));
       with_tokens(end - begin, [&](auto tokens_in_item) {
         constexpr int G = decltype(tokens_in_item)::value;
+        shrink.template run<G>(a_in.data_ptr<W>() + row * a_in.stride(0), a_in.stride(1), r, u.data(), Ahead());
         for (size_t m = 0; m < w.size(); ++m) {  // out_m += (u * c_lm[m]) A^T_m
           load_row(w[m].data_ptr<W>() + row * w[m].stride(0), r, wm.data());
           X* dst[kBlock];
@@ -155,28 +136,25 @@ void lorta_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor
   else lorta_impl<float, float>(x, tk, rw, n, a_t, b, hw, out);
 }
 
-// heads_in: out[m][tokens[i]] += ((sum_h C_h[h] * (B x_h)) * w[m]) A^T_m for every module m, in place, with the
-// tables' row rows[i]: B^T = b_t[row] [d_h, r], C_h = c_h[row] [H, r] (H * d_h = in), w[m] = c_lm of this layer and
-// module [R, r], A^T_m = a_t[m][row] [r, out_m] (k and v: the group-averaged rows)
-void lorta_in_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& b_t,
-                    const at::Tensor& c_h, at::TensorList w, at::TensorList a_t, at::TensorList out) {
+// heads_in: out[m][tokens[i]] += ((A_in x) * w[m]) A^T_m for every module m, in place, with the tables' row rows[i]:
+// A_in = a_in[row] [r, in] (C_h[h, k] * B^T[c, k] at column h * d_h + c: the shrink over the input's heads as one
+// matrix), w[m] = c_lm of this layer and module [R, r], A^T_m = a_t[m][row] [r, out_m] (k, v: group-averaged rows)
+void lorta_in_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& a_in,
+                    at::TensorList w, at::TensorList a_t, at::TensorList out) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x: [T, in] with contiguous rows");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: fp32 or bf16");
   check_tokens(tokens, rows, x.size(0));
-  TORCH_CHECK(b_t.dim() == 3 && b_t.stride(2) == 1, "b_t: [R, d_h, r]");
-  TORCH_CHECK(b_t.scalar_type() == at::kFloat || b_t.scalar_type() == at::kBFloat16, "tables: fp32 or bf16");
-  const int64_t R = b_t.size(0), r = b_t.size(2);
-  TORCH_CHECK(c_h.dim() == 3 && c_h.stride(2) == 1 && c_h.size(0) == R && c_h.size(2) == r &&
-                  c_h.size(1) * b_t.size(1) == x.size(1) && c_h.scalar_type() == b_t.scalar_type(),
-              "c_h: [R, H, r] with H * d_h = x's width, b_t's rows, rank and dtype");
+  TORCH_CHECK(a_in.dim() == 3 && a_in.stride(2) == 1 && a_in.size(2) == x.size(1), "a_in: [R, r, in] matching x");
+  TORCH_CHECK(a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kBFloat16, "tables: fp32 or bf16");
+  const int64_t R = a_in.size(0), r = a_in.size(1);
   TORCH_CHECK(!w.empty() && w.size() == a_t.size() && w.size() == out.size(), "lorta: one w, a_t and out per module");
   for (size_t m = 0; m < w.size(); ++m) {
     TORCH_CHECK(w[m].dim() == 2 && w[m].stride(1) == 1 && w[m].size(0) == R && w[m].size(1) == r &&
-                    w[m].scalar_type() == b_t.scalar_type(),
-                "lorta: module weights [R, r] with b_t's rows, rank and dtype");
+                    w[m].scalar_type() == a_in.scalar_type(),
+                "lorta: module weights [R, r] with a_in's rows, rank and dtype");
     TORCH_CHECK(a_t[m].dim() == 3 && a_t[m].stride(2) == 1 && a_t[m].size(0) == R && a_t[m].size(1) == r &&
-                    a_t[m].scalar_type() == b_t.scalar_type(),
-                "a_t: [R, r, out] with b_t's rows, rank and dtype");
+                    a_t[m].scalar_type() == a_in.scalar_type(),
+                "a_t: [R, r, out] with a_in's rows, rank and dtype");
     TORCH_CHECK(out[m].dim() == 2 && out[m].stride(1) == 1 && out[m].size(0) == x.size(0) &&
                     out[m].size(1) == a_t[m].size(2) && out[m].scalar_type() == x.scalar_type(),
                 "out: [T, out] in the dtype of x, contiguous rows");
@@ -186,18 +164,18 @@ void lorta_in_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Ten
     TORCH_CHECK(rw[i] < R, "tenfold_cpu: table row ", rw[i], " of a table with ", R, " rows");
   const int64_t* tk = tokens.data_ptr<int64_t>();
   const int64_t n = tokens.size(0);
-  const bool xb = x.scalar_type() == at::kBFloat16, wb = b_t.scalar_type() == at::kBFloat16;
-  if (xb && wb) heads_in_impl<c10::BFloat16, c10::BFloat16>(x, tk, rw, n, b_t, c_h, w, a_t, out);
-  else if (xb) heads_in_impl<c10::BFloat16, float>(x, tk, rw, n, b_t, c_h, w, a_t, out);
-  else if (wb) heads_in_impl<float, c10::BFloat16>(x, tk, rw, n, b_t, c_h, w, a_t, out);
-  else heads_in_impl<float, float>(x, tk, rw, n, b_t, c_h, w, a_t, out);
+  const bool xb = x.scalar_type() == at::kBFloat16, wb = a_in.scalar_type() == at::kBFloat16;
+  if (xb && wb) heads_in_impl<c10::BFloat16, c10::BFloat16>(x, tk, rw, n, a_in, w, a_t, out);
+  else if (xb) heads_in_impl<c10::BFloat16, float>(x, tk, rw, n, a_in, w, a_t, out);
+  else if (wb) heads_in_impl<float, c10::BFloat16>(x, tk, rw, n, a_in, w, a_t, out);
+  else heads_in_impl<float, float>(x, tk, rw, n, a_in, w, a_t, out);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(TENFOLD_CPU_OPS, m) {
   m.def("lorta_apply(Tensor x, Tensor tokens, Tensor rows, Tensor a_t, Tensor b, Tensor[] hw, Tensor(a!)[] out) -> ()");
-  m.def("lorta_in_apply(Tensor x, Tensor tokens, Tensor rows, Tensor b_t, Tensor c_h, Tensor[] w, Tensor[] a_t, "
+  m.def("lorta_in_apply(Tensor x, Tensor tokens, Tensor rows, Tensor a_in, Tensor[] w, Tensor[] a_t, "
         "Tensor(a!)[] out) -> ()");
 }
 
