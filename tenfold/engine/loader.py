@@ -100,7 +100,6 @@ def load_for_native(path, spec: ModelSpec, tensor_parallel_size: int = 1) -> Nat
 
 
 def _load_native(directory: Path, version: str, spec: ModelSpec, tensor_parallel_size: int) -> NativeAdapter:
-    from .families import BUCKETS
     from .sharding import Shard
 
     adapter = load_adapter(directory, spec)
@@ -110,8 +109,7 @@ def _load_native(directory: Path, version: str, spec: ModelSpec, tensor_parallel
         shard = Shard(spec, 0, tensor_parallel_size)
     except ValueError as e:
         raise AdapterMismatchError(f"{directory}: {e}") from None
-    bucket = BUCKETS[adapter.family](BUCKETS[adapter.family].signature_of(adapter), spec, torch.float32,
-                                     torch.device("cpu"), shard)
+    bucket = _row_bucket(adapter, spec, shard)
     with torch.no_grad():
         slot_params = sum(t.numel() for t in bucket.row_tensors(adapter).values())
     frozen_params = sum(math.prod(shard.weight_shape(module)) for _, module in bucket.frozen_weights())
@@ -176,13 +174,28 @@ def _worker_dtype(spec: ModelSpec, family: str | None = None) -> torch.dtype:
     tensors (convert mode) are in the LoRA dtype on every device."""
     from .families import BUCKETS
 
-    model_dtype = spec.dtype if spec.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    model_dtype = _model_dtype(spec)
     if execution_mode_is_native() and _on_cpu():
         kernel_dtype = cpu_kernel_dtype(model_dtype)
         if family is not None and kernel_dtype is not None and BUCKETS[family].has_cpu_kernels:
             return kernel_dtype
         return native_cpu_dtype(model_dtype)
     return model_dtype
+
+
+def _model_dtype(spec: ModelSpec) -> torch.dtype:
+    return spec.dtype if spec.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def _row_bucket(adapter: Adapter, spec: ModelSpec, shard):
+    """A throwaway bucket that builds the adapter's slot row as a worker of `shard` would, in the layout of tenfold's
+    CPU kernels where the workers use them (some families keep other tables beside the kernels)."""
+    from .families import BUCKETS
+
+    cls = BUCKETS[adapter.family]
+    kernels = (cls.has_cpu_kernels and execution_mode_is_native() and _on_cpu()
+               and cpu_kernel_dtype(_model_dtype(spec)) is not None)
+    return cls(cls.signature_of(adapter), spec, torch.float32, torch.device("cpu"), shard, cpu_kernels=kernels)
 
 
 def execution_mode_is_native() -> bool:
@@ -202,12 +215,9 @@ def _on_cpu() -> bool:
 
 def _row_params(adapter: Adapter, spec: ModelSpec, tensor_parallel_size: int, rank: int) -> int:
     """Entries of the adapter's slot-table row on one tensor-parallel rank (as a worker builds it)."""
-    from .families import BUCKETS
     from .sharding import Shard
 
-    bucket_cls = BUCKETS[adapter.family]
-    bucket = bucket_cls(bucket_cls.signature_of(adapter), spec, torch.float32, torch.device("cpu"),
-                        Shard(spec, rank, tensor_parallel_size))
+    bucket = _row_bucket(adapter, spec, Shard(spec, rank, tensor_parallel_size))
     with torch.no_grad():
         return sum(t.numel() for t in bucket.row_tensors(adapter).values())
 

@@ -8,7 +8,7 @@ layer and matrix ([L, heads, r], C_h group-averaged for grouped-query k/v, and q
 projection), which saves several small ops per layer call. Measured on Llama-2-7B shapes at r=64
 (tests/test_family_math.py): the adapter holds 275k parameters; a heads_out row 729k (2.65x: A^T 262k, the head
 weights 262k and their fused q|k|v copy 197k; 2.9 MB in fp32), a heads_in row 543k (1.97x: A^T and its k/v copy
-524k). The per-layer dense LoRA form of the same update is 67.1M parameters, 92x a heads_out row. The shrink is
+524k; beside the CPU kernels 795k, 2.89x, with A_in). The per-layer dense LoRA form of the same update is 67.1M parameters, 92x a heads_out row. The shrink is
 computed once per layer call and reused by q, k and v.
 
 Tensor parallel: q, k and v keep the head factors (heads_out) or A^T columns (heads_in) of this rank's own output
