@@ -214,4 +214,24 @@ inline void with_tokens(int64_t g, F&& f) {
   }
 }
 
+// Work items of kernels that apply every module of a layer per item: runs of up to kBlock consecutive tokens of one
+// table row (the caller passes the bucket's tokens sorted by row). The start of each run whose row is >= 0 ...
+inline std::vector<int64_t> run_starts(const int64_t* rows, int64_t n) {
+  std::vector<int64_t> starts;
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1;
+    while (j < n && rows[j] == rows[i] && j - i < kBlock) ++j;
+    if (rows[i] >= 0) starts.push_back(i);
+    i = j;
+  }
+  return starts;
+}
+
+// ... and the end of the run that starts at `begin`
+inline int64_t run_end(const int64_t* rows, int64_t n, int64_t begin) {
+  int64_t end = begin + 1;
+  while (end < n && rows[end] == rows[begin] && end - begin < kBlock) ++end;
+  return end;
+}
+
 }  // namespace tenfold_cpu_detail

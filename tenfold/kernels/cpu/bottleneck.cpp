@@ -59,18 +59,6 @@ inline Ahead next_row(const std::vector<int64_t>& starts, const int64_t* rows, i
   return Ahead(table.data_ptr<W>() + rows[starts[it + 1]] * table.stride(0), table.size(1) * table.stride(1));
 }
 
-// [n] runs of one row, at most kBlock tokens each: the start of each item whose row is >= 0
-std::vector<int64_t> item_starts(const int64_t* rows, int64_t n) {
-  std::vector<int64_t> starts;
-  for (int64_t i = 0; i < n;) {
-    int64_t j = i + 1;
-    while (j < n && rows[j] == rows[i] && j - i < kBlock) ++j;
-    if (rows[i] >= 0) starts.push_back(i);
-    i = j;
-  }
-  return starts;
-}
-
 // One thread's scratch: the item's token rows of x, and h = [act(x W_down + b_down), 1] per token [G, b + 1]
 template <typename X, typename W>
 struct Hidden {
@@ -119,14 +107,13 @@ template <typename X, typename W>
 void apply_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows, int64_t n, const at::TensorList wd_t,
                 const at::TensorList bd, const at::TensorList wu, Activation act, const at::TensorList out) {
   const int64_t in = x.size(1), b = wd_t[0].size(1);
-  const auto starts = item_starts(rows, n);
+  const auto starts = run_starts(rows, n);
   const X* xp = x.data_ptr<X>();
   at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t i0, int64_t i1) {
     Hidden<X, W> hidden(in, b);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t begin = starts[it], row = rows[begin];
-      int64_t end = begin + 1;
-      while (end < n && rows[end] == row && end - begin < kBlock) ++end;
+      const int64_t end = run_end(rows, n, begin);
       for (int64_t t = begin; t < end; ++t) hidden.shrink.load(t - begin, xp + tokens[t] * x.stride(0));
       with_tokens(end - begin, [&](auto tokens_in_item) {
         constexpr int G = decltype(tokens_in_item)::value;
@@ -149,15 +136,14 @@ void pre_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows, i
               const at::TensorList bd, const at::TensorList wu, Activation act, const at::Tensor& inputs,
               const at::Tensor& difference) {
   const int64_t in = x.size(1), b = wd_t[0].size(1);
-  const auto starts = item_starts(rows, n);
+  const auto starts = run_starts(rows, n);
   const X* xp = x.data_ptr<X>();
   at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t i0, int64_t i1) {
     Hidden<X, W> hidden(in, b);
     std::vector<float> carrier(kBlock * in), diff(kBlock * in), row_buffer(in);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t begin = starts[it], row = rows[begin];
-      int64_t end = begin + 1;
-      while (end < n && rows[end] == row && end - begin < kBlock) ++end;
+      const int64_t end = run_end(rows, n, begin);
       for (int64_t t = begin; t < end; ++t) hidden.shrink.load(t - begin, xp + tokens[t] * x.stride(0));
       std::fill(carrier.begin(), carrier.end(), 0.f);
       std::fill(diff.begin(), diff.end(), 0.f);

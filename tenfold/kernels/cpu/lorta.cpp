@@ -25,13 +25,7 @@ template <typename X, typename W>
 void lorta_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows, int64_t n, const at::Tensor& a_t,
                 const at::Tensor& b, const at::TensorList hw, const at::TensorList out) {
   const int64_t in = x.size(1), r = a_t.size(1), head_dim = b.size(2);
-  std::vector<int64_t> starts;  // item boundaries: runs of one row, at most kBlock tokens
-  for (int64_t i = 0; i < n;) {
-    int64_t j = i + 1;
-    while (j < n && rows[j] == rows[i] && j - i < kBlock) ++j;
-    if (rows[i] >= 0) starts.push_back(i);
-    i = j;
-  }
+  const auto starts = run_starts(rows, n);
   const X* xp = x.data_ptr<X>();
   const auto hp = pointers<const W>(hw);
   const auto op = pointers<X>(out);
@@ -41,8 +35,7 @@ void lorta_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows,
     std::vector<float> u(kBlock * r), s(kBlock * r), bf(r * head_dim), w(r);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t begin = starts[it], row = rows[begin];
-      int64_t end = begin + 1;
-      while (end < n && rows[end] == row && end - begin < kBlock) ++end;
+      const int64_t end = run_end(rows, n, begin);
       for (int64_t t = begin; t < end; ++t) shrink.load(t - begin, xp + tokens[t] * x.stride(0));
       const W* bp = b.data_ptr<W>() + row * b.stride(0);
       for (int64_t k = 0; k < r; ++k) load_row(bp + k * b.stride(1), head_dim, bf.data() + k * head_dim);
@@ -69,21 +62,14 @@ template <typename X, typename W>
 void heads_in_impl(const at::Tensor& x, const int64_t* tokens, const int64_t* rows, int64_t n, const at::Tensor& a_in,
                    const at::TensorList w, const at::TensorList a_t, const at::TensorList out) {
   const int64_t in = x.size(1), r = a_in.size(1);
-  std::vector<int64_t> starts;  // item boundaries: runs of one row, at most kBlock tokens
-  for (int64_t i = 0; i < n;) {
-    int64_t j = i + 1;
-    while (j < n && rows[j] == rows[i] && j - i < kBlock) ++j;
-    if (rows[i] >= 0) starts.push_back(i);
-    i = j;
-  }
+  const auto starts = run_starts(rows, n);
   const X* xp = x.data_ptr<X>();
   at::parallel_for(0, static_cast<int64_t>(starts.size()), 1, [&](int64_t i0, int64_t i1) {
     ItemShrink<X, W> shrink(in);
     std::vector<float> u(kBlock * r), scaled(kBlock * r), wm(r);  // per token u, and u * c_lm of one module
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t begin = starts[it], row = rows[begin];
-      int64_t end = begin + 1;
-      while (end < n && rows[end] == row && end - begin < kBlock) ++end;
+      const int64_t end = run_end(rows, n, begin);
       for (int64_t t = begin; t < end; ++t) shrink.load(t - begin, xp + tokens[t] * x.stride(0));
       with_tokens(end - begin, [&](auto tokens_in_item) {
         constexpr int G = decltype(tokens_in_item)::value;
