@@ -188,10 +188,9 @@ void bottleneck_apply(const at::Tensor& x, const at::Tensor& tokens, const at::T
   const int64_t* rw = rows.data_ptr<int64_t>();
   const int64_t n = tokens.size(0);
   const bool xb = x.scalar_type() == at::kBFloat16, wb = wd_t[0].scalar_type() == at::kBFloat16;
-  if (xb && wb) apply_impl<c10::BFloat16, c10::BFloat16>(x, tk, rw, n, wd_t, bd, wu, act, out);
-  else if (xb) apply_impl<c10::BFloat16, float>(x, tk, rw, n, wd_t, bd, wu, act, out);
-  else if (wb) apply_impl<float, c10::BFloat16>(x, tk, rw, n, wd_t, bd, wu, act, out);
-  else apply_impl<float, float>(x, tk, rw, n, wd_t, bd, wu, act, out);
+  with_types(xb, wb, [&](auto a_type, auto b_type) {
+    apply_impl<decltype(a_type), decltype(b_type)>(x, tk, rw, n, wd_t, bd, wu, act, out);
+  });
 }
 
 // inputs[tokens[i]] = x[tokens[i]] + a_0(x), difference[tokens[i]] = a_1(x) - a_0(x) (a_1 = 0 with one module)

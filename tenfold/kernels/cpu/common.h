@@ -66,6 +66,17 @@ inline void check_tokens(const at::Tensor& tokens, const at::Tensor& rows, int64
     TORCH_CHECK(tk[i] >= 0 && tk[i] < num_tokens, "tenfold_cpu: token ", tk[i], " of ", num_tokens);
 }
 
+// f(A{}, B{}) with A, B the C++ types (float or c10::BFloat16) of two operands' dtypes: one call per kernel instead
+// of four branches of template arguments
+template <typename F>
+inline void with_types(bool a_bf16, bool b_bf16, F&& f) {
+  using Bf16 = c10::BFloat16;
+  if (a_bf16 && b_bf16) f(Bf16{}, Bf16{});
+  else if (a_bf16) f(Bf16{}, float{});
+  else if (b_bf16) f(float{}, Bf16{});
+  else f(float{}, float{});
+}
+
 template <typename T>
 std::vector<T*> pointers(const at::TensorList tensors) {
   std::vector<T*> p;

@@ -116,10 +116,9 @@ void lorta_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor
   const int64_t* tk = tokens.data_ptr<int64_t>();
   const int64_t n = tokens.size(0);
   const bool xb = x.scalar_type() == at::kBFloat16, wb = a_t.scalar_type() == at::kBFloat16;
-  if (xb && wb) lorta_impl<c10::BFloat16, c10::BFloat16>(x, tk, rw, n, a_t, b, hw, out);
-  else if (xb) lorta_impl<c10::BFloat16, float>(x, tk, rw, n, a_t, b, hw, out);
-  else if (wb) lorta_impl<float, c10::BFloat16>(x, tk, rw, n, a_t, b, hw, out);
-  else lorta_impl<float, float>(x, tk, rw, n, a_t, b, hw, out);
+  with_types(xb, wb, [&](auto a_type, auto b_type) {
+    lorta_impl<decltype(a_type), decltype(b_type)>(x, tk, rw, n, a_t, b, hw, out);
+  });
 }
 
 // heads_in: out[m][tokens[i]] += ((A_in x) * w[m]) A^T_m for every module m, in place, with the tables' row rows[i]:
@@ -151,10 +150,9 @@ void lorta_in_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Ten
   const int64_t* tk = tokens.data_ptr<int64_t>();
   const int64_t n = tokens.size(0);
   const bool xb = x.scalar_type() == at::kBFloat16, wb = a_in.scalar_type() == at::kBFloat16;
-  if (xb && wb) heads_in_impl<c10::BFloat16, c10::BFloat16>(x, tk, rw, n, a_in, w, a_t, out);
-  else if (xb) heads_in_impl<c10::BFloat16, float>(x, tk, rw, n, a_in, w, a_t, out);
-  else if (wb) heads_in_impl<float, c10::BFloat16>(x, tk, rw, n, a_in, w, a_t, out);
-  else heads_in_impl<float, float>(x, tk, rw, n, a_in, w, a_t, out);
+  with_types(xb, wb, [&](auto a_type, auto b_type) {
+    heads_in_impl<decltype(a_type), decltype(b_type)>(x, tk, rw, n, a_in, w, a_t, out);
+  });
 }
 
 }  // namespace

@@ -171,10 +171,9 @@ void lowrank_apply(const at::Tensor& x, const at::Tensor& tokens, const at::Tens
   const auto items = work_items(rows, static_cast<int64_t>(a.size()));
   const int64_t* tk = tokens.data_ptr<int64_t>();
   const bool xb = x.scalar_type() == at::kBFloat16, wb = b[0].scalar_type() == at::kBFloat16;
-  if (xb && wb) apply_impl<c10::BFloat16, c10::BFloat16>(x, tk, items, a, b, out);
-  else if (xb) apply_impl<c10::BFloat16, float>(x, tk, items, a, b, out);
-  else if (wb) apply_impl<float, c10::BFloat16>(x, tk, items, a, b, out);
-  else apply_impl<float, float>(x, tk, items, a, b, out);
+  with_types(xb, wb, [&](auto a_type, auto b_type) {
+    apply_impl<decltype(a_type), decltype(b_type)>(x, tk, items, a, b, out);
+  });
 }
 
 // out[m][tokens[i]] += h[i] @ b[m][rows[i]] for every module m, in place; h [n, r] fp32 shared by the modules
@@ -189,10 +188,9 @@ void lowrank_expand(const at::Tensor& h, const at::Tensor& tokens, const at::Ten
   const int64_t* tk = tokens.data_ptr<int64_t>();
   const bool bb = b[0].scalar_type() == at::kBFloat16, ob = out[0].scalar_type() == at::kBFloat16;
   const float* hp = h.data_ptr<float>();
-  if (bb && ob) expand_impl<c10::BFloat16, c10::BFloat16>(hp, h.size(1), tk, items, b, out);
-  else if (bb) expand_impl<c10::BFloat16, float>(hp, h.size(1), tk, items, b, out);
-  else if (ob) expand_impl<float, c10::BFloat16>(hp, h.size(1), tk, items, b, out);
-  else expand_impl<float, float>(hp, h.size(1), tk, items, b, out);
+  with_types(bb, ob, [&](auto a_type, auto b_type) {
+    expand_impl<decltype(a_type), decltype(b_type)>(hp, h.size(1), tk, items, b, out);
+  });
 }
 
 // h[m][i] = x[tokens[i]] @ a[m][rows[i]]^T for every module m (fp32 [n, r], written; rows < 0 left as they are)
@@ -210,10 +208,9 @@ void lowrank_shrink(const at::Tensor& x, const at::Tensor& tokens, const at::Ten
   const auto items = work_items(rows, static_cast<int64_t>(a.size()));
   const int64_t* tk = tokens.data_ptr<int64_t>();
   const bool xb = x.scalar_type() == at::kBFloat16, wb = a[0].scalar_type() == at::kBFloat16;
-  if (xb && wb) shrink_impl<c10::BFloat16, c10::BFloat16>(x, tk, items, a, h);
-  else if (xb) shrink_impl<c10::BFloat16, float>(x, tk, items, a, h);
-  else if (wb) shrink_impl<float, c10::BFloat16>(x, tk, items, a, h);
-  else shrink_impl<float, float>(x, tk, items, a, h);
+  with_types(xb, wb, [&](auto a_type, auto b_type) {
+    shrink_impl<decltype(a_type), decltype(b_type)>(x, tk, items, a, h);
+  });
 }
 
 }  // namespace
