@@ -53,6 +53,28 @@ def test_cli_refuses_bad_workloads_before_starting_anything():
         assert done.returncode == 2 and message in done.stderr, (argv, done.stderr[-400:])
 
 
+def test_replica_bench_refuses_bad_routings_and_base_only_modes_and_reports_ratios_against_single_and_random():
+    from tenfold.bench import cluster
+
+    for argv, message in ((["--replicas", "2", "--routing", "affinity,sticky"], "comma list of single"),
+                          (["--replicas", "2", "--modes", "base"], "must name native or convert")):
+        done = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "bench", *argv], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode != 0 and message in done.stderr, (argv, done.stderr[-400:])
+    rows = [{"routing": routing, "replicas": replicas, "family": "lora", "num_adapters": 64,
+             "result": {"output_tok_s": tok_s, "served_where_resident": share, "loads_per_1000": loads,
+                        "per_replica": spread, "errors": 0}}
+            for routing, replicas, tok_s, share, loads, spread in (
+                ("single", 1, 70.0, 0.5, 500.0, {"a": 192}), ("affinity", 2, 140.0, 0.75, 250.0, {"a": 90, "b": 102}),
+                ("random", 2, 112.0, 0.48, 520.0, {"a": 97, "b": 95}))]
+    cluster.add_ratios(rows)
+    affinity = rows[1]
+    assert affinity["x_single"] == pytest.approx(2.0) and affinity["x_random"] == pytest.approx(1.25)
+    assert "x_single" not in rows[0] and rows[2]["x_single"] == pytest.approx(1.6)
+    table = cluster.format_table(rows).splitlines()
+    assert "| affinity | 2 | lora | 64 | 140.0 | 2.00x | 1.25x | 75.0% | 250 | 90, 102 | 0 |" in table
+
+
 def test_bench_model_names_a_directory_a_known_model_or_random(tmp_path, tiny_model_dirs):
     from tenfold.bench.workload import DEFAULT_MODEL, model_dtype, resolve_model
     from tenfold.model_zoo import KNOWN_MODELS

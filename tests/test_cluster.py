@@ -1,5 +1,6 @@
 """`tenfold serve --replicas 2` on Ray Serve (a local Ray, 2 replicas of the tiny model with half a CPU each): tokens
-through the ingress equal the reference for base and several families, repeated requests for an adapter land on the
+through the ingress (HTTP and gRPC) equal the reference for base and several families, gRPC's admin calls and errors
+are the single engine's, repeated requests for an adapter land on the
 replica that holds it, a pin reaches every replica and survives eviction pressure, each engine's residency metrics
 follow, a replica that cannot load an adapter answers the single engine's error, and killing one replica's engine
 under traffic loses no request without a retryable error while Serve replaces the replica."""
@@ -40,13 +41,13 @@ def cluster(tiny_model_dirs, specs, tmp_path_factory):
     (root / "broken").mkdir()
     (root / "broken" / "adapter_config.json").write_text("{")
     logs = tmp_path_factory.mktemp("cluster-logs")
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     argv = [sys.executable, "-m", "tenfold.server.cli", "serve", tiny_model_dirs["mha"], "--replicas", 2,
-            "--replica-cpus", 0.5, "--port", port, "--adapter-root", root, "--api-key", KEY,
+            "--replica-cpus", 0.5, "--port", port, "--grpc-port", grpc_port, "--adapter-root", root, "--api-key", KEY,
             "--replica-log-dir", logs, *ENGINE_ARGS, "--max-cpu-loras", 4, "--max-loras", 2]
     with running_server(argv, port, logs / "cluster.log", startup_timeout=600) as running:
         client = openai.OpenAI(base_url=f"{running['url']}/v1", api_key="unused", max_retries=0, timeout=180)
-        yield {**running, "client": client, "adapters": adapters, "root": root}
+        yield {**running, "client": client, "adapters": adapters, "root": root, "grpc": f"127.0.0.1:{grpc_port}"}
 
 
 def generate(cluster, model, prompt, n=12):
@@ -97,6 +98,63 @@ def test_streaming_and_chat_through_the_ingress(cluster):
     assert chat.usage.completion_tokens > 0
     models = {m.id for m in client.models.list().data}
     assert "base" in models
+
+
+@pytest.fixture(scope="module")
+def stub(cluster):
+    import grpc
+
+    from tenfold.server.grpc import load_protos
+
+    pb, services = load_protos()
+    channel = grpc.insecure_channel(cluster["grpc"])
+    yield pb, services.TenfoldStub(channel)
+    channel.close()
+
+
+def test_grpc_through_the_ingress_matches_the_reference(cluster, stub, hf_models):
+    pb, client = stub
+    prompt = random_prompts(1, seed=445)[0]
+    request = pb.GenerateRequest(adapter="weighted", token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParameters(max_tokens=12, temperature=0.0, ignore_eos=True))
+    reply, call = client.Generate.with_call(request, timeout=180)
+    expected = greedy_reference(hf_models["mha"], prompt, 12, cluster["adapters"]["weighted"])[0]
+    assert list(reply.token_ids) == expected and reply.finish_reason == "length"
+    served = dict(call.trailing_metadata())
+    assert served.get("x-tenfold-replica") and served.get("x-tenfold-adapter-loaded") in ("0", "1")
+    chunks = list(client.GenerateStream(request, timeout=180))
+    assert len(chunks) >= 2 and [t for c in chunks for t in c.token_ids] == expected
+    base = client.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=request.sampling),
+                           timeout=180)
+    assert list(base.token_ids) == greedy_reference(hf_models["mha"], prompt, 12, None)[0]
+
+
+def test_grpc_admin_and_errors_are_the_single_engines(stub):
+    import grpc
+
+    pb, client = stub
+    auth = (("authorization", f"Bearer {KEY}"),)
+    with pytest.raises(grpc.RpcError) as info:
+        client.LoadAdapter(pb.LoadAdapterRequest(name="z5"), timeout=180)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    loaded = client.LoadAdapter(pb.LoadAdapterRequest(name="z5"), metadata=auth, timeout=180)
+    assert loaded.name == "z5" and loaded.family == "lora"
+    assert "z5" in {a.name for a in client.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters}
+    for name, code in {"absent": grpc.StatusCode.NOT_FOUND, "broken": grpc.StatusCode.INVALID_ARGUMENT,
+                       "../x": grpc.StatusCode.INVALID_ARGUMENT}.items():
+        with pytest.raises(grpc.RpcError) as info:
+            client.LoadAdapter(pb.LoadAdapterRequest(name=name), metadata=auth, timeout=180)
+        assert info.value.code() == code, (name, info.value.details())
+        with pytest.raises(grpc.RpcError) as info:
+            client.Generate(pb.GenerateRequest(adapter=name, text="x"), timeout=180)
+        assert info.value.code() == code, (name, info.value.details())
+    client.UnloadAdapter(pb.UnloadAdapterRequest(name="z5"), metadata=auth, timeout=60)
+    with pytest.raises(grpc.RpcError) as info:
+        client.UnloadAdapter(pb.UnloadAdapterRequest(name="z5"), metadata=auth, timeout=60)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        client.Generate(pb.GenerateRequest(adapter="heads"), timeout=60)  # no prompt
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_repeated_requests_stay_on_the_replica_that_holds_the_adapter(cluster):

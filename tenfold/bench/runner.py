@@ -102,6 +102,14 @@ def main(args) -> int:
     from tqdm import tqdm
     from transformers import AutoConfig
 
+    if args.replicas:
+        from . import cluster
+
+        try:
+            cluster.adapter_mode(args.modes)
+        except ValueError as e:
+            raise SystemExit(f"tenfold bench: {e}") from None
+        return cluster.main(args)
     if not args.no_plots:
         report.require_matplotlib()
     rate = parse_arrival(args.arrival)
@@ -210,6 +218,12 @@ def directory_has_exact_lora(adapter_dir: Path, model_dir: Path, count: int) -> 
         raise SystemExit(f"tenfold bench: {e}") from None
 
 
+def cluster_routings(text: str) -> list[str]:
+    from .cluster import parse_routings
+
+    return parse_routings(text)
+
+
 def _argument(parse):
     """An argparse type from a parser raising ValueError: argparse prints our message, not a generic one."""
     import argparse
@@ -287,6 +301,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--adapter-memory", type=parse_gib, metavar="GIB",
                         help="native mode's adapter memory budget, as `tenfold serve --adapter-memory`")
     parser.add_argument("--load-sample", type=int, default=32, help="adapters whose hot-load latency is timed")
+    replicas = parser.add_argument_group(
+        "replicas (the ray extra): adapter affinity across `tenfold serve --replicas N` engines on Ray Serve")
+    replicas.add_argument("--replicas", type=int, default=0, metavar="N",
+                          help="measure N replicas behind one ingress instead of one engine per mode: each --routing "
+                               "as a fresh cluster on the same requests, closed loop (default 0: off)")
+    replicas.add_argument("--routing", type=_argument(cluster_routings), default=["single", "affinity", "random"],
+                          help="comma list of single (one replica), affinity (routed by adapter), random (routed "
+                               "without affinity) (default: all three)")
+    replicas.add_argument("--concurrency", type=int, default=32, help="requests in flight (default 32)")
+    replicas.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs per replica (default 1)")
+    replicas.add_argument("--replica-max-ongoing", type=int, default=32, metavar="N",
+                          help="requests Serve sends one replica at once (default 32)")
+    replicas.add_argument("--affinity-timeout", type=float, default=1.0, metavar="S",
+                          help="Serve's matching timeout, as `tenfold serve --affinity-timeout` (default 1.0)")
+    replicas.add_argument("--max-cpu-loras", type=int, default=16,
+                          help="adapters each replica holds in its host cache, Serve's per-replica model count "
+                               "(default 16)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="results.json, plots and logs")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/tenfold/bench").expanduser(),
                         help="the random benchmark model and synthetic adapters, reused across runs (fetched models "

@@ -6,12 +6,12 @@ affinity off they go to any replica, which loads the adapter itself. Admin calls
 its path for replicas that load the name later, an unload and a pin or unpin go to each replica's engine. Responses
 name the replica that served them (`x-tenfold-replica`) and whether that request loaded its adapter there
 (`x-tenfold-adapter-loaded`). A replica that fails mid-request answers 503 with Retry-After: the client can retry,
-and Serve replaces the replica.
+and Serve replaces the replica. The admin steps are transport-neutral ((status, JSON body) from the caller's
+authorization): the HTTP routes here and the gRPC methods (`grpc_ingress.py`) wrap the same steps.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 from http import HTTPStatus
 
@@ -20,15 +20,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from ..server.api_key import bearer_key_matches
+from .grpc_ingress import GrpcIngressMethods, parsed_body
 from .registry import REGISTRY_NAMESPACE
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 ADMIN_TIMEOUT_SECONDS = 600
 
 
+def error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": HTTPStatus(status).phrase, "code": status}}
+
+
 def error(status: int, message: str, retry: bool = False) -> JSONResponse:
-    phrase = HTTPStatus(status).phrase
-    return JSONResponse({"error": {"message": message, "type": phrase, "code": status}}, status_code=status,
+    return JSONResponse(error_body(status, message), status_code=status,
                         headers={"Retry-After": "1"} if retry else None)
 
 
@@ -36,22 +41,24 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
     app = FastAPI(title="tenfold cluster")
 
     @serve.ingress(app)
-    class Ingress:
+    class Ingress(GrpcIngressMethods):
         def __init__(self, engines):
             import ray
 
             self.engines = engines
+            self.affinity = affinity
             self.registry = ray.get_actor(registry_name, namespace=REGISTRY_NAMESPACE)
             self.base_names: set[str] | None = None
 
         # --- helpers -----------------------------------------------------------------------------------------------
+        def _admin_denied(self, headers: dict, admin: bool) -> tuple[int, dict] | None:
+            if not api_key or not (admin or protect_all) or bearer_key_matches(headers.get("authorization"), api_key):
+                return None
+            return 401, error_body(401, "missing or wrong API key (Authorization: Bearer <key>)")
+
         def _denied(self, request: Request, admin: bool) -> JSONResponse | None:
-            if not api_key or not (admin or protect_all):
-                return None
-            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if hmac.compare_digest(supplied.encode(), api_key.encode()):
-                return None
-            return error(401, "missing or wrong API key (Authorization: Bearer <key>)")
+            denied = self._admin_denied(self._forwarded_headers(request), admin)
+            return JSONResponse(denied[1], status_code=denied[0]) if denied else None
 
         async def _base(self) -> set[str]:
             if self.base_names is None:
@@ -62,26 +69,22 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
 
         @staticmethod
         def _forwarded_headers(request: Request) -> dict:
-            return {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+            return {k.lower(): v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
 
         async def _replicas(self) -> dict[str, str]:
             return await self.registry.replicas.remote()
 
-        async def _each_replica(self, method: str, path: str, request: Request, body: bytes = b"") -> dict:
+        async def _each_replica(self, method: str, path: str, headers: dict, body: bytes = b"") -> dict:
             """The same admin call on every replica's engine; replica id -> (status, parsed body)."""
             answers = {}
             async with httpx.AsyncClient(timeout=ADMIN_TIMEOUT_SECONDS) as client:
                 for replica_id, url in (await self._replicas()).items():
                     try:
-                        response = await client.request(method, f"{url}{path}", content=body,
-                                                        headers=self._forwarded_headers(request))
+                        response = await client.request(method, f"{url}{path}", content=body, headers=headers)
                     except httpx.TransportError:  # its engine died: Serve replaces the replica, which registers
                         await self.registry.remove_replica.remote(replica_id)  # anew and pins from the registry
                         continue
-                    try:
-                        answers[replica_id] = (response.status_code, response.json())
-                    except ValueError:
-                        answers[replica_id] = (response.status_code, {"error": {"message": response.text}})
+                    answers[replica_id] = (response.status_code, parsed_body(response.content))
             return answers
 
         # --- generation ----------------------------------------------------------------------------------------------
@@ -136,36 +139,82 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
             """Each replica's engine URL: scrape its /metrics there (residency per adapter and tier)."""
             return self._denied(request, admin=True) or {"replicas": await self._replicas()}
 
-        # --- adapter admin -------------------------------------------------------------------------------------------
-        @app.get("/v1/adapters")
-        async def list_adapters(self, request: Request):
-            denied = self._denied(request, admin=True)
+        # --- adapter admin: the steps, then their HTTP routes -----------------------------------------------------------
+        async def _admin_list(self, headers: dict, admin: bool = True) -> tuple[int, dict]:
+            denied = self._admin_denied(headers, admin)
             if denied:
                 return denied
+            if api_key:  # the caller passed the ingress's rule; the engines list adapters to admins only
+                headers = {**headers, "authorization": f"Bearer {api_key}"}
             merged: dict[str, dict] = {}
-            for replica_id, (status, body) in (await self._each_replica("GET", "/v1/adapters", request)).items():
+            for replica_id, (status, body) in (await self._each_replica("GET", "/v1/adapters", headers)).items():
                 if status != 200:
-                    return JSONResponse(body, status_code=status)
+                    return status, body
                 for facts in body["adapters"]:
                     entry = merged.setdefault(facts["name"], {**facts, "replicas": {}})
                     entry["replicas"][replica_id] = {"tiers": facts.get("tiers", []), "pinned": facts.get("pinned")}
-            return {"adapters": list(merged.values())}
+            return 200, {"adapters": list(merged.values())}
 
-        async def _load(self, request: Request, name: str, path: str | None) -> Response:
-            denied = self._denied(request, admin=True)
+        async def _admin_load(self, headers: dict, name: str, path: str | None) -> tuple[int, dict, dict]:
+            """(status, body, the serving replica's x-tenfold headers)."""
+            denied = self._admin_denied(headers, admin=True)
             if denied:
-                return denied
+                return (*denied, {})
             if path:
                 await self.registry.set_path.remote(name, path)
             # loaded through Serve's multiplexer on one replica, which then reports it for routing
             handle = self.engines.options(multiplexed_model_id=name)
-            status, headers, content = await handle.forward.remote(name, "GET", "/v1/adapters",
-                                                                   self._forwarded_headers(request), b"")
+            status, out_headers, content = await handle.forward.remote(name, "GET", "/v1/adapters", headers, b"")
+            replica_headers = {k: v for k, v in out_headers.items() if k.startswith("x-tenfold")}
             if status != 200:
                 await self.registry.set_path.remote(name, None)
-                return Response(content, status_code=status, headers=headers)
+                return status, parsed_body(content), replica_headers
             facts = next((a for a in json.loads(content)["adapters"] if a["name"] == name), None)
-            return JSONResponse(facts, headers={k: v for k, v in headers.items() if k.startswith("x-tenfold")})
+            return 200, facts, replica_headers
+
+        async def _admin_unload(self, headers: dict, name: str) -> tuple[int, dict]:
+            denied = self._admin_denied(headers, admin=True)
+            if denied:
+                return denied
+            answers = await self._each_replica("DELETE", f"/v1/adapters/{name}", headers)
+            await self.registry.set_path.remote(name, None)
+            await self.registry.set_pin.remote(name, False)
+            if any(status == 200 for status, _ in answers.values()):
+                return 200, {"unloaded": name, "replicas": sorted(r for r, (s, _) in answers.items() if s == 200)}
+            return next(iter(answers.values()), (404, error_body(404, f"adapter {name!r} is not loaded")))
+
+        async def _admin_pin(self, headers: dict, name: str) -> tuple[int, dict]:
+            """Pins on every replica (each loads the adapter first); a replica that refuses undoes the others."""
+            denied = self._admin_denied(headers, admin=True)
+            if denied:
+                return denied
+            answers = await self._each_replica("POST", f"/v1/adapters/{name}/pin", headers)
+            refused = {r: a for r, a in answers.items() if a[0] != 200}
+            if refused or not answers:
+                if len(refused) < len(answers):  # undo where it held (the others answer 404)
+                    await self._each_replica("DELETE", f"/v1/adapters/{name}/pin", headers)
+                return next(iter(refused.values()), (503, error_body(503, "no replica is up")))
+            await self.registry.set_pin.remote(name, True)
+            return 200, {**next(iter(answers.values()))[1], "replicas": sorted(answers)}
+
+        async def _admin_unpin(self, headers: dict, name: str) -> tuple[int, dict]:
+            denied = self._admin_denied(headers, admin=True)
+            if denied:
+                return denied
+            await self.registry.set_pin.remote(name, False)
+            answers = await self._each_replica("DELETE", f"/v1/adapters/{name}/pin", headers)
+            if any(status == 200 for status, _ in answers.values()):
+                return 200, {"unpinned": name}
+            return 404, error_body(404, f"adapter {name!r} is not pinned")
+
+        @app.get("/v1/adapters")
+        async def list_adapters(self, request: Request):
+            status, body = await self._admin_list(self._forwarded_headers(request))
+            return JSONResponse(body, status_code=status)
+
+        async def _load(self, request: Request, name: str, path: str | None) -> Response:
+            status, body, headers = await self._admin_load(self._forwarded_headers(request), name, path)
+            return JSONResponse(body, status_code=status, headers=headers)
 
         @app.post("/v1/adapters")
         async def load(self, request: Request):
@@ -185,22 +234,10 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
                 return error(400, "expected a JSON body {\"lora_name\": ..., \"lora_path\": ...}")
             return await self._load(request, name, path)
 
-        async def _unload(self, request: Request, name: str) -> Response:
-            denied = self._denied(request, admin=True)
-            if denied:
-                return denied
-            answers = await self._each_replica("DELETE", f"/v1/adapters/{name}", request)
-            await self.registry.set_path.remote(name, None)
-            await self.registry.set_pin.remote(name, False)
-            if any(status == 200 for status, _ in answers.values()):
-                return {"unloaded": name, "replicas": sorted(r for r, (s, _) in answers.items() if s == 200)}
-            status, body = next(iter(answers.values()), (404, {"error": {"message": f"adapter {name!r} is not "
-                                                                                    f"loaded"}}))
-            return JSONResponse(body, status_code=status)
-
         @app.delete("/v1/adapters/{name}")
         async def unload(self, request: Request, name: str):
-            return await self._unload(request, name)
+            status, body = await self._admin_unload(self._forwarded_headers(request), name)
+            return JSONResponse(body, status_code=status)
 
         @app.post("/v1/unload_lora_adapter")
         async def unload_lora_adapter(self, request: Request):
@@ -208,34 +245,18 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
                 name = str((await request.json())["lora_name"])
             except (ValueError, KeyError, TypeError):
                 return error(400, "expected a JSON body {\"lora_name\": ...}")
-            return await self._unload(request, name)
+            status, body = await self._admin_unload(self._forwarded_headers(request), name)
+            return JSONResponse(body, status_code=status)
 
         @app.post("/v1/adapters/{name}/pin")
         async def pin(self, request: Request, name: str):
-            """Pins on every replica (each loads the adapter first); a replica that refuses undoes the others."""
-            denied = self._denied(request, admin=True)
-            if denied:
-                return denied
-            answers = await self._each_replica("POST", f"/v1/adapters/{name}/pin", request)
-            refused = {r: a for r, a in answers.items() if a[0] != 200}
-            if refused or not answers:
-                if len(refused) < len(answers):  # undo where it held (the others answer 404)
-                    await self._each_replica("DELETE", f"/v1/adapters/{name}/pin", request)
-                status, body = next(iter(refused.values()), (503, {"error": {"message": "no replica is up"}}))
-                return JSONResponse(body, status_code=status)
-            await self.registry.set_pin.remote(name, True)
-            return {**next(iter(answers.values()))[1], "replicas": sorted(answers)}
+            status, body = await self._admin_pin(self._forwarded_headers(request), name)
+            return JSONResponse(body, status_code=status)
 
         @app.delete("/v1/adapters/{name}/pin")
         async def unpin(self, request: Request, name: str):
-            denied = self._denied(request, admin=True)
-            if denied:
-                return denied
-            await self.registry.set_pin.remote(name, False)
-            answers = await self._each_replica("DELETE", f"/v1/adapters/{name}/pin", request)
-            if any(status == 200 for status, _ in answers.values()):
-                return {"unpinned": name}
-            return error(404, f"adapter {name!r} is not pinned")
+            status, body = await self._admin_unpin(self._forwarded_headers(request), name)
+            return JSONResponse(body, status_code=status)
 
     return Ingress
 

@@ -14,6 +14,8 @@ from .registry import REGISTRY_NAME, REGISTRY_NAMESPACE, ClusterRegistry
 
 # what the replicas' engines read from the environment (the Ray workers that host them do not inherit the shell's)
 FORWARDED_ENV_PREFIXES = ("VLLM_", "TENFOLD_", "HF_", "OMP_", "TRANSFORMERS_")
+# Serve's multiplexed matching timeout (ray.serve._private.constants), read when Serve is imported in a worker
+AFFINITY_TIMEOUT_ENV = "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"
 
 
 def replica_argv(args, passthrough: list[str]) -> list[str]:
@@ -60,6 +62,10 @@ def run(args, passthrough: list[str]) -> int:
     if args.adapter_root is not None and not args.adapter_root.is_dir():
         raise SystemExit(f"tenfold serve: --adapter-root {args.adapter_root} is not a directory")
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    if args.affinity_timeout < 0:
+        raise SystemExit(f"tenfold serve: --affinity-timeout {args.affinity_timeout}: must be >= 0 seconds")
+    # read by Serve's request router, which runs in the ingress replica: a Ray worker of this job
+    env[AFFINITY_TIMEOUT_ENV] = repr(args.affinity_timeout)
     ray.init(address=args.ray_address, namespace=REGISTRY_NAMESPACE, runtime_env={"env_vars": env},
              include_dashboard=False, log_to_driver=False)
     # on one machine the engines listen on loopback; across nodes each on its node's address
@@ -74,12 +80,19 @@ def run(args, passthrough: list[str]) -> int:
     ingress = serve.deployment(
         ingress_class(args.api_key, args.protect_all, not args.no_affinity, REGISTRY_NAME), name="tenfold-ingress",
         num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    grpc_options = None
+    if args.grpc_port:  # tenfold's gRPC API on Serve's gRPC proxy, in front of the replicas' own gRPC servers
+        from .grpc_ingress import SERVICER_FUNCTION
+
+        grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+    serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options)
     app = ingress.bind(engines.bind(replica_argv(args, passthrough), args.api_key, bind_host, str(log_dir),
                                     REGISTRY_NAME))
     serve.run(app, name="tenfold", route_prefix="/")
-    print(f"tenfold cluster: {args.replicas} engine replicas behind http://{args.host}:{args.port} "
-          f"(affinity {'off' if args.no_affinity else 'on'}; engine logs in {log_dir})", flush=True)
+    routing = "off" if args.no_affinity else f"on, matching timeout {args.affinity_timeout:g}-{2 * args.affinity_timeout:g} s"
+    grpc_address = f" and gRPC {args.host}:{args.grpc_port}" if args.grpc_port else ""
+    print(f"tenfold cluster: {args.replicas} engine replicas behind http://{args.host}:{args.port}{grpc_address} "
+          f"(affinity {routing}; engine logs in {log_dir})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -4,7 +4,8 @@ Each replica runs an ordinary `tenfold serve` process on its node (the same engi
 single server) and forwards the ingress's requests to it. Adapters are Ray Serve multiplexed models: the replica
 reports the adapters it holds, Serve routes a request carrying `multiplexed_model_id=<adapter>` to a replica that
 holds it, and Serve's per-replica LRU (sized to the engine's host cache, `--max-cpu-loras`) decides evictions, which
-unload the adapter from the engine so that what Serve routes by and what the engine holds stay the same.
+unload the adapter from the engine so that what Serve routes by and what the engine holds stay the same. gRPC calls
+go to the engine's own gRPC server (raw messages, the caller's authorization), so their answers are the engine's.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 from ray import serve
 
 from .registry import REGISTRY_NAMESPACE
 
 STARTUP_TIMEOUT_SECONDS = 900
+GRPC_SERVICE = "tenfold.v1.Tenfold"  # tenfold.proto's package and service
 REPLICA_HEADER = "x-tenfold-replica"
 LOADED_HEADER = "x-tenfold-adapter-loaded"  # "1": this request loaded its adapter on the replica (a miss)
 
@@ -53,16 +56,18 @@ class EngineReplicaBase:
         self.api_key = api_key
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.registry = ray.get_actor(registry_name, namespace=REGISTRY_NAMESPACE)
-        with _socket_bound(bind_host) as port:
+        with _socket_bound(bind_host) as port, _socket_bound(bind_host) as grpc_port:
             self.url = f"http://{bind_host}:{port}"
+            self.grpc_target = f"{bind_host}:{grpc_port}"
             argv = [sys.executable, "-m", "tenfold.server.cli", "serve", *serve_argv, "--host", bind_host,
-                    "--port", str(port), "--grpc-port", "0"]
+                    "--port", str(port), "--grpc-port", str(grpc_port)]
         self.log_path = Path(log_dir) / f"replica-{self.replica_id}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
         self._wait_until_healthy()
         self.client = httpx.AsyncClient(base_url=self.url, timeout=None)
+        self.grpc_channel: grpc.aio.Channel | None = None  # opened on first use, in the replica's event loop
         ray.get(self.registry.add_replica.remote(self.replica_id, self.url))
         for name in ray.get(self.registry.pins.remote()):  # pins made at runtime before this replica started
             response = httpx.post(f"{self.url}/v1/adapters/{name}/pin", headers=self.headers, timeout=600)
@@ -139,6 +144,44 @@ class EngineReplicaBase:
         kept = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "retry-after")}
         return response.status_code, self._headers(kept, loaded), response.content
 
+    def _grpc_call(self, method: str, stream: bool):
+        """A call of the engine's gRPC method on raw message bytes."""
+        if self.grpc_channel is None:
+            self.grpc_channel = grpc.aio.insecure_channel(self.grpc_target)
+        make = self.grpc_channel.unary_stream if stream else self.grpc_channel.unary_unary
+        return make(f"/{GRPC_SERVICE}/{method}")
+
+    def _grpc_head(self, loaded: bool, code: str | None = None, details: str = "") -> dict:
+        return {"replica": self.replica_id, "loaded": loaded, "code": code, "details": details}
+
+    async def _forward_grpc(self, get_model, adapter: str, method: str, request: bytes,
+                            metadata: dict) -> tuple[dict, bytes | None]:
+        """(head: replica, loaded, the engine's status code name or None, details; the response message's bytes)."""
+        loaded, error, status = await self.adapter_for_request(get_model, adapter)
+        if error is not None:
+            return self._grpc_head(loaded, *_grpc_error(status, error)), None
+        try:
+            payload = await self._grpc_call(method, stream=False)(request, metadata=tuple(metadata.items()))
+        except grpc.aio.AioRpcError as e:
+            return self._grpc_head(loaded, e.code().name, e.details() or ""), None
+        return self._grpc_head(loaded), payload
+
+    async def _forward_grpc_stream(self, get_model, adapter: str, method: str, request: bytes, metadata: dict):
+        """Yields the head first, then each response message's bytes; an error after the head as a last dict."""
+        loaded, error, status = await self.adapter_for_request(get_model, adapter)
+        if error is not None:
+            yield self._grpc_head(loaded, *_grpc_error(status, error))
+            return
+        yield self._grpc_head(loaded)
+        call = self._grpc_call(method, stream=True)(request, metadata=tuple(metadata.items()))
+        try:
+            async for payload in call:
+                yield payload
+        except grpc.aio.AioRpcError as e:
+            yield {"code": e.code().name, "details": e.details() or ""}
+        finally:
+            call.cancel()  # the client went away: the engine aborts the request
+
     async def _forward_stream(self, get_model, adapter: str, method: str, path: str, headers: dict, body: bytes):
         """Yields (status, headers) first, then the body's chunks as the engine sends them."""
         loaded, error, status = await self.adapter_for_request(get_model, adapter)
@@ -169,7 +212,21 @@ def replica_class(max_adapters: int):
             async for item in self._forward_stream(self.get_model, adapter, method, path, headers, body):
                 yield item
 
+        async def forward_grpc(self, adapter: str, method: str, request: bytes, metadata: dict):
+            return await self._forward_grpc(self.get_model, adapter, method, request, metadata)
+
+        async def forward_grpc_stream(self, adapter: str, method: str, request: bytes, metadata: dict):
+            async for item in self._forward_grpc_stream(self.get_model, adapter, method, request, metadata):
+                yield item
+
     return EngineReplica
+
+
+def _grpc_error(status: int, body: bytes) -> tuple[str, str]:
+    """The gRPC code name and details a single engine gives the HTTP error its adapter load returned."""
+    from .grpc_ingress import code_of, message_of, parsed_body
+
+    return code_of(status).name, message_of(parsed_body(body))
 
 
 class _socket_bound:

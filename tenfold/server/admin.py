@@ -7,7 +7,6 @@ Status codes: 400 unusable adapter or malformed request, 401 missing/wrong key, 
 
 from __future__ import annotations
 
-import hmac
 from http import HTTPStatus
 
 from fastapi import APIRouter, FastAPI, Request
@@ -17,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from .adapter_admin import AdapterAdmin, AdminError, ServeSettings, resolve_runtime_path
+from .api_key import bearer_key_matches
 
 ADMIN_PATHS = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
@@ -82,8 +82,7 @@ def install(app: FastAPI, admin: AdapterAdmin, residency=None) -> None:
         if path == "/metrics" and residency is not None:
             await residency.refresh()
         if settings.api_key and path.startswith("/v1") and (path.startswith(ADMIN_PATHS) or settings.protect_all):
-            supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(supplied.encode(), settings.api_key.encode()):
+            if not bearer_key_matches(request.headers.get("authorization"), settings.api_key):
                 return error(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer <key>)")
         if path == "/v1/load_lora_adapter" and request.method == "POST":
             try:

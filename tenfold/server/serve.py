@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica reserves (default 1)")
     cluster.add_argument("--replica-max-ongoing", type=int, default=64, metavar="N",
                          help="requests Serve sends one replica at once: its engine batches them (default 64)")
+    cluster.add_argument("--affinity-timeout", type=float, default=1.0, metavar="S",
+                         help="how long Serve looks for a replica that holds a request's adapter before it sends the "
+                              "request to the replica holding the fewest adapters; Serve draws each wait between S "
+                              "and 2S (default 1.0, Serve's own)")
     cluster.add_argument("--no-affinity", action="store_true",
                          help="route requests to any replica (each loads what it is asked for); for comparison")
     cluster.add_argument("--replica-log-dir", help="each replica's engine log (default: a new temporary directory)")

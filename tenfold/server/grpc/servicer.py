@@ -11,16 +11,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..adapter_admin import AdapterAdmin, AdminError
-from . import load_protos
+from ..api_key import bearer_key_matches
+from . import STATUS_TO_CODE, load_protos
 
 pb, services = load_protos()
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tenfold"].full_name
-STATUS_TO_CODE = {
-    HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT, HTTPStatus.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
-    HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND, HTTPStatus.CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
-    HTTPStatus.REQUEST_ENTITY_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-ADMIN_METHODS = ("LoadAdapter", "UnloadAdapter")
 
 
 class TenfoldServicer(services.TenfoldServicer):
@@ -34,9 +29,9 @@ class TenfoldServicer(services.TenfoldServicer):
         key = self.admin.settings.api_key
         if not key or not (admin_call or self.admin.settings.protect_all):
             return None
-        supplied = dict(context.invocation_metadata()).get("authorization", "").removeprefix("Bearer ").strip()
-        return None if supplied == key else AdminError(HTTPStatus.UNAUTHORIZED, "missing or wrong API key "
-                                                       "(metadata authorization: Bearer <key>)")
+        if bearer_key_matches(dict(context.invocation_metadata()).get("authorization"), key):
+            return None
+        return AdminError(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (metadata authorization: Bearer <key>)")
 
     def _sampling(self, request):
         from vllm import SamplingParams
