@@ -82,7 +82,9 @@ def test_mixed_batch_of_every_family_equals_each_adapters_reference(model_name, 
                 want = reference_forward(adapters_by_slot, slot_of_token, layer, modules, x, linears)
                 assert torch.allclose(got, want, atol=2e-5, rtol=1e-4), (layer, modules, (got - want).abs().max())
                 base_rows = (slot_of_token < 0) | (store.bucket_of_slot[slot_of_token.clamp(min=0)] < 0)
-                assert torch.equal(got[base_rows], x[base_rows] @ fused_weight.t()), "base rows must be untouched"
+                # the same GEMM over the whole batch: one over fewer rows may block differently (oneDNN on AMX does)
+                base_output = x @ fused_weight.t()
+                assert torch.equal(got[base_rows], base_output[base_rows]), "base rows must be untouched"
 
 
 @pytest.mark.parametrize("case", ["lorta_heads_out", "lorta_heads_in"])
