@@ -164,7 +164,7 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
                 await self.registry.set_path.remote(name, path)
             # loaded through Serve's multiplexer on one replica, which then reports it for routing
             handle = self.engines.options(multiplexed_model_id=name)
-            status, out_headers, content = await handle.forward.remote(name, "GET", "/v1/adapters", headers, b"")
+            status, out_headers, content = await handle.load_resident.remote(name, headers)
             replica_headers = {k: v for k, v in out_headers.items() if k.startswith("x-tenfold")}
             if status != 200:
                 await self.registry.set_path.remote(name, None)

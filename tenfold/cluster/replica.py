@@ -4,12 +4,14 @@ Each replica runs an ordinary `tenfold serve` process on its node (the same engi
 single server) and forwards the ingress's requests to it. Adapters are Ray Serve multiplexed models: the replica
 reports the adapters it holds, Serve routes a request carrying `multiplexed_model_id=<adapter>` to a replica that
 holds it, and Serve's per-replica LRU (sized to the engine's host cache, `--max-cpu-loras`) decides evictions, which
-unload the adapter from the engine so that what Serve routes by and what the engine holds stay the same. gRPC calls
+unload the adapter from the engine so that what Serve routes by and what the engine holds stay the same (pins
+take room in the engine's cache but not in Serve's count, so an admin load checks that the workers hold it). gRPC calls
 go to the engine's own gRPC server (raw messages, the caller's authorization), so their answers are the engine's.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -144,6 +146,20 @@ class EngineReplicaBase:
         kept = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "retry-after")}
         return response.status_code, self._headers(kept, loaded), response.content
 
+    async def _load_resident(self, get_model, name: str, headers: dict) -> tuple[int, dict, bytes]:
+        """An admin load: the adapter resident in this replica's workers, answered with the engine's listing. Serve's
+        multiplexer may still count an adapter that the engine's own cache evicted (pins take room in that cache but
+        not in Serve's count): one generated token brings it back into the workers."""
+        status, out_headers, content = await self._forward(get_model, name, "GET", "/v1/adapters", headers, b"")
+        if status == 200 and not _has_host_tier(content, name):
+            warm = await self.client.post("/v1/completions", headers=self.headers,
+                                          json={"model": name, "prompt": [0], "max_tokens": 1})
+            if warm.status_code != 200:
+                return warm.status_code, self._headers({"content-type": "application/json"}, False), warm.content
+            response = await self.client.get("/v1/adapters", headers=headers)
+            status, content = response.status_code, response.content
+        return status, out_headers, content
+
     def _grpc_call(self, method: str, stream: bool):
         """A call of the engine's gRPC method on raw message bytes."""
         if self.grpc_channel is None:
@@ -208,6 +224,9 @@ def replica_class(max_adapters: int):
             """One request to this replica's engine; `adapter` ("" for none) is made resident first."""
             return await self._forward(self.get_model, adapter, method, path, headers, body)
 
+        async def load_resident(self, name: str, headers: dict):
+            return await self._load_resident(self.get_model, name, headers)
+
         async def forward_stream(self, adapter: str, method: str, path: str, headers: dict, body: bytes):
             async for item in self._forward_stream(self.get_model, adapter, method, path, headers, body):
                 yield item
@@ -220,6 +239,11 @@ def replica_class(max_adapters: int):
                 yield item
 
     return EngineReplica
+
+
+def _has_host_tier(listing: bytes, name: str) -> bool:
+    facts = next((a for a in json.loads(listing)["adapters"] if a["name"] == name), {})
+    return "host" in facts.get("tiers", [])
 
 
 def _grpc_error(status: int, body: bytes) -> tuple[str, str]:
