@@ -48,7 +48,7 @@ class DemoAdapter:
 ADAPTERS = (
     DemoAdapter("json", "lorta", {"r": 16, "orientation": "heads_out"}, "json", 20, 5e-3,
                 'answers as JSON: {"topic": ..., "answer": ...}'),
-    DemoAdapter("french", "loretta_rep", {"target_modules": ALL_LINEAR, "r": 8, "tensor_rank": 8}, "french", 30, 1e-2,
+    DemoAdapter("french", "loretta_rep", {"target_modules": ALL_LINEAR, "r": 8, "tensor_rank": 8}, "french", 40, 3e-3,
                 "answers in French"),
     DemoAdapter("oneword", "miss", {"target_modules": ALL_LINEAR, "r": 16}, "word", 20, 5e-4,
                 "answers in one word"),
