@@ -61,10 +61,6 @@ class Attachment:
             setattr(parent, attr, original)
         self._replaced = {}
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._replaced)
-
     def __enter__(self):
         return self
 

@@ -7,6 +7,7 @@ same layout with an explicit family, hyperparameters, the base model's shapes an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,20 @@ def max_adapter_bytes() -> int:
     """The size limit for one adapter's tensor file: env TENFOLD_MAX_ADAPTER_BYTES, default 4 GiB."""
     value = os.environ.get("TENFOLD_MAX_ADAPTER_BYTES")
     return int(value) if value else DEFAULT_MAX_BYTES
+
+
+def fingerprint(path) -> str:
+    """Identity of an adapter version: size, mtime and inode of its config and tensor files. Changes whenever the
+    files are rewritten, so prefix-cache keys and worker caches notice a reloaded adapter."""
+    directory = Path(path)
+    parts = []
+    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
+        try:
+            st = (directory / name).stat()
+        except FileNotFoundError:
+            continue
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def read_config(directory: Path) -> dict:

@@ -122,7 +122,7 @@ def user_adapters(adapter_dir: Path, count: int, model_dir: Path, cache_dir: Pat
 
     from ..adapters import ModelSpec, load_adapter
     from ..adapters.convert import convert_to_lora
-    from ..engine.loader import fingerprint
+    from ..adapters.checkpoint import fingerprint
 
     paths = adapter_dir_entries(adapter_dir)
     if count > len(paths):

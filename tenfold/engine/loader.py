@@ -8,7 +8,6 @@ base model), so the front-end's validation and the worker's load each pay once p
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 from collections import OrderedDict
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import Adapter, ModelSpec, NoExactLoRAError, load_adapter
-from ..adapters.checkpoint import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME
+from ..adapters.checkpoint import fingerprint
 from ..adapters.errors import AdapterMismatchError
 from ..adapters.lora.format import peft_lora_config, peft_lora_tensors
 
@@ -34,20 +33,6 @@ class ConvertedAdapter:
     fingerprint: str
     params: int  # the adapter's own parameters (its compact factors)
     nbytes: int  # bytes of the adapter's own factors
-
-
-def fingerprint(path) -> str:
-    """Identity of an adapter version: size, mtime and inode of its config and tensor files. Changes whenever the
-    files are rewritten, so prefix-cache keys and worker caches notice a reloaded adapter."""
-    directory = Path(path)
-    parts = []
-    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
-        try:
-            st = (directory / name).stat()
-        except FileNotFoundError:
-            continue
-        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 _cache: OrderedDict = OrderedDict()

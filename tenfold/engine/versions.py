@@ -70,7 +70,7 @@ class AdapterVersions:
         import msgspec
         from vllm.lora.utils import get_adapter_absolute_path
 
-        from .loader import fingerprint
+        from ..adapters.checkpoint import fingerprint
 
         source = Path(get_adapter_absolute_path(lora_request.lora_path)).resolve()
         if not source.is_dir():
@@ -116,7 +116,7 @@ class AdapterVersions:
 
     def _snapshot(self, source: Path, engine_id: int) -> tuple[Path, str]:
         """A validated copy of the version now on disk, taken when the files did not change during the copy."""
-        from .loader import fingerprint
+        from ..adapters.checkpoint import fingerprint
 
         target = self.root / f"{engine_id}-{source.name}"
         for _ in range(SNAPSHOT_ATTEMPTS):

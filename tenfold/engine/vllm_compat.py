@@ -82,10 +82,11 @@ def apply() -> None:
     logger.debug("tenfold: vLLM %s patched", SUPPORTED_VLLM_VERSION)
 
 
-def served_spec(vllm_config):
+def served_spec(hf_config):
+    """The served model's shapes, from its HF config (vllm_config.model_config.hf_config or model.config)."""
     from ..adapters import ModelSpec
 
-    return ModelSpec.from_hf_config(vllm_config.model_config.hf_config.get_text_config())
+    return ModelSpec.from_hf_config(hf_config.get_text_config())
 
 
 # --- 1 and 5: worker loading ----------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def _patch_worker_loading() -> None:
 
     def __init__(self, vllm_config, *args, **kwargs):
         original_init(self, vllm_config, *args, **kwargs)
-        self._tenfold_spec = served_spec(vllm_config)
+        self._tenfold_spec = served_spec(vllm_config.model_config.hf_config)
         self._tenfold_tp = vllm_config.parallel_config.tensor_parallel_size
 
     def _load_adapter(self, lora_request):
@@ -203,7 +204,7 @@ def _patch_request_validation() -> None:
     def check_path(self, path) -> None:
         """Load (and in convert mode convert) in this process, cached; raises AdapterError or FileNotFoundError."""
         if not hasattr(self, "_tenfold_spec"):
-            self._tenfold_spec = served_spec(self.vllm_config)
+            self._tenfold_spec = served_spec(self.vllm_config.model_config.hf_config)
         if execution_mode() == "native":
             native = load_for_native(path, self._tenfold_spec, self.vllm_config.parallel_config.tensor_parallel_size)
             require_fits_budget(path, native, self._tenfold_spec, self.lora_config.max_loras,
@@ -621,7 +622,7 @@ def _patch_cpu_lora_ops() -> None:
 def _patch_prefix_cache_keys() -> None:
     import vllm.v1.core.kv_cache_utils as kv_cache_utils
 
-    from .loader import fingerprint
+    from ..adapters.checkpoint import fingerprint
 
     original = kv_cache_utils._gen_lora_extra_hash_keys
 
@@ -677,7 +678,7 @@ def _patch_native_execution() -> None:
         if others:
             raise ValueError(f"tenfold native mode cannot adapt {others[:4]}: no tenfold wrapper claimed them; serve "
                              f"this model with TENFOLD_MODE=convert")
-        spec = served_spec_of_model(self.model)
+        spec = served_spec(self.model.config)
         dtype = native_cpu_dtype(self.lora_config.lora_dtype) if self.device.type == "cpu" else (
             self.lora_config.lora_dtype)
         first = next(iter(wrappers.values()), None)
@@ -783,12 +784,6 @@ def _patch_native_execution() -> None:
     manager.remove_all_adapters = remove_all_adapters
     manager._set_adapter_mapping = _set_adapter_mapping
     manager.create_dummy_lora = create_dummy_lora
-
-
-def served_spec_of_model(model):
-    from ..adapters import ModelSpec
-
-    return ModelSpec.from_hf_config(model.config.get_text_config())
 
 
 # --- 7: instrumentation of one engine client ------------------------------------------------------------------------

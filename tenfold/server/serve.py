@@ -168,7 +168,7 @@ def _instrument(engine_client):
     from ..engine.vllm_compat import instrument_engine_client, served_spec
     from . import metrics
 
-    spec = served_spec(engine_client.vllm_config)
+    spec = served_spec(engine_client.vllm_config.model_config.hf_config)
     residency = metrics.ResidencyTracker(spec, engine_client.vllm_config.parallel_config.tensor_parallel_size)
     instrument_engine_client(
         engine_client,

@@ -11,11 +11,6 @@ from ..segments import Segments
 from .tiles import tile_layout
 
 
-def supports_activation(act: str) -> bool:
-    """Every transformers activation."""
-    return act in ACT2FN
-
-
 def bottleneck_apply(z: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor, w_up: torch.Tensor,
                      b_up: torch.Tensor, scaling: torch.Tensor, seg: Segments, output: torch.Tensor, *, act: str,
                      config: LaunchConfig | None = None) -> None:
