@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from tenfold.adapters import FAMILIES, ModelSpec
+from tenfold.adapters.registry import DECLARATIONS
 from tenfold.bench.workload import BENCH_MODEL as MODEL
-from tenfold.bench.workload import FAMILY_SETTINGS
 from tenfold.engine.families import BUCKETS
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     head_macs = spec.hidden_size * vocab  # the logits of every decoded token
     model_element = torch.empty((), dtype=spec.dtype).element_size() if args.model else 4
     rows = []
-    for family, settings in FAMILY_SETTINGS.items():
+    for family, settings in ((f, d.bench_settings) for f, d in DECLARATIONS.items()):
         adapter = FAMILIES[family].create(spec, **settings, seed=0)
         adapter.validate(spec)
         bucket_cls = BUCKETS[family]

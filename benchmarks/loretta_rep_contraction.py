@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from tenfold.adapters import FAMILIES, ModelSpec
-from tenfold.bench.workload import BENCH_MODEL, FAMILY_SETTINGS
+from tenfold.adapters.registry import DECLARATIONS
+from tenfold.bench.workload import BENCH_MODEL
 from tenfold.kernels.lowrank import lowrank_expand, lowrank_shrink
 
 ADAPTERS, TOKENS_PER_ADAPTER, CALLS = 32, 2, 400
@@ -49,7 +50,7 @@ def main() -> None:
                      num_heads=BENCH_MODEL["num_heads"], num_kv_heads=BENCH_MODEL["num_kv_heads"],
                      head_dim=BENCH_MODEL["hidden_size"] // BENCH_MODEL["num_heads"],
                      intermediate_size=BENCH_MODEL["intermediate_size"])
-    settings = FAMILY_SETTINGS["loretta_rep"]
+    settings = DECLARATIONS["loretta_rep"].bench_settings
     adapters = [FAMILIES["loretta_rep"].create(spec, **settings, init="random", seed=i) for i in range(ADAPTERS)]
     layer, r = 3, adapters[0].rank
     modules = [m for (lay, m) in adapters[0].targets if lay == layer]

@@ -27,7 +27,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tenfold.bench.workload import (CPU_ENV, FAMILY_SETTINGS, RANDOM_MODEL, Lengths, Popularity, build_model,
+from tenfold.adapters.registry import DECLARATIONS
+from tenfold.bench.workload import (CPU_ENV, RANDOM_MODEL, Lengths, Popularity, build_model,
                                     machine_info, make_requests, resolve_model, synth_adapters)
 
 CACHE = Path("~/.cache/tenfold/bench").expanduser()
@@ -65,7 +66,7 @@ def measure(family: str, pairs: int, model_name: str, dtype: str, compiled: bool
     finally:
         llm.llm_engine.engine_core.shutdown()
     ratios = [a / b for a, b in zip(with_, without)]
-    return {"family": family, "settings": FAMILY_SETTINGS[family], "model": str(model), "dtype": dtype,
+    return {"family": family, "settings": DECLARATIONS[family].bench_settings, "model": str(model), "dtype": dtype,
             "compiled": compiled, "tok_s_without_adapters": without,
             "tok_s_with_adapters": with_, "paired_ratios": ratios, "ratio_median": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios)}
@@ -73,7 +74,7 @@ def measure(family: str, pairs: int, model_name: str, dtype: str, compiled: bool
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--families", default=",".join(FAMILY_SETTINGS))
+    parser.add_argument("--families", default=",".join(DECLARATIONS))
     parser.add_argument("--pairs", type=int, default=6)
     parser.add_argument("--model", default=RANDOM_MODEL, help="random (default), smollm2 or a model directory")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -93,6 +93,11 @@ class Adapter(nn.Module, ABC):
             f"{self.family} has no exact LoRA form: its update is not a fixed low-rank matrix. tenfold serves it on "
             f"the native path; conversion to LoRA would be lossy and is refused")
 
+    @property
+    def largest_lora_rank(self) -> int:
+        """The rank of the widest `lora_factors` over its modules (a LoRA may vary it per module)."""
+        return self.rank
+
     def dense_equivalent_params(self) -> int:
         """Parameters of the same update written out per layer and module (LoRA at this rank, or the untensorized
         bottleneck for adapters): what a per-layer format would store."""

@@ -1,12 +1,12 @@
 """Directory -> family: detect the checkpoint format, read it, validate it; and tenfold's own save.
 
-Detection order (adapter_config.json decides, tensor keys confirm):
-  "format": "tenfold"              -> tenfold's own format, family named in the file
-  peft_type LORTA                  -> LoRTA PEFT fork
-  peft_type LORA with tensor_rank  -> LoRETTA rep (official)
-  peft_type LORA                   -> PEFT LoRA
-  peft_type MISS or BONE           -> MiSS default/mini or Bat, by init_weights
-  peft_type BOTTLENECK             -> LoRETTA adp (official, tensorized)
+adapter_config.json decides, tensor keys confirm: "format": "tenfold" is tenfold's own format (family named in the
+file); otherwise the one family whose declaration (`<family>/__init__.py`) claims the config's peft_type:
+  LORTA                  -> LoRTA PEFT fork
+  LORA with tensor_rank  -> LoRETTA rep (official)
+  LORA                   -> PEFT LoRA
+  MISS or BONE           -> MiSS default/mini, or Bat with init_weights "bat"
+  BOTTLENECK             -> LoRETTA adp (official, tensorized)
 """
 
 from __future__ import annotations
@@ -15,39 +15,28 @@ from pathlib import Path
 
 from . import checkpoint
 from .base import Adapter
-from .bat import Bat
+from .declaration import FamilyDeclaration, ReadOptions, declarations
 from .errors import AdapterFormatError, where
-from .lora import LoRA
-from .lora import format as lora_format
-from .loretta_adp import LoRETTAAdp
-from .loretta_adp import format as loretta_adp_format
-from .loretta_rep import LoRETTARep
-from .loretta_rep import format as loretta_rep_format
-from .lorta import LoRTA
-from .lorta import format as lorta_format
-from .miss import MiSS
-from .miss import format as miss_format
 from .spec import ModelSpec
 
-FAMILIES: dict[str, type[Adapter]] = {cls.family: cls for cls in (LoRA, LoRTA, LoRETTARep, LoRETTAAdp, MiSS, Bat)}
-SUPPORTED_PEFT_TYPES = ("LORA", "LORTA", "MISS", "BONE", "BOTTLENECK")
+DECLARATIONS: dict[str, FamilyDeclaration] = declarations()
+FAMILIES: dict[str, type[Adapter]] = {name: d.adapter for name, d in DECLARATIONS.items()}
+SUPPORTED_PEFT_TYPES = tuple(sorted({t for d in DECLARATIONS.values() for t in d.peft_types}))
 
 
 def detect(config: dict, config_path: Path) -> str:
-    """The name of the format a config describes."""
+    """The format a config describes: "tenfold", or the family whose official checkpoints it is."""
     if config.get("format") == checkpoint.TENFOLD_FORMAT:
         return "tenfold"
     peft_type = config.get("peft_type")
-    if peft_type == "LORTA":
-        return "lorta"
-    if peft_type == "LORA":
-        return "loretta_rep" if config.get("tensor_rank") is not None else "lora"
-    if peft_type in ("MISS", "BONE"):
-        return "miss"
-    if peft_type == "BOTTLENECK":
-        return "loretta_adp"
-    raise AdapterFormatError(f"{where(config_path, 'peft_type')}: unknown adapter type {peft_type!r}; tenfold reads "
-                             f"peft_type {', '.join(SUPPORTED_PEFT_TYPES)} and its own format (\"format\": \"tenfold\")")
+    claimed = [d.name for d in DECLARATIONS.values() if peft_type in d.peft_types and d.claims(config)]
+    if len(claimed) > 1:  # a declaration's fault, not the user's
+        raise RuntimeError(f"families {claimed} all claim peft_type {peft_type!r}: their `claims` must tell them apart")
+    if not claimed:
+        raise AdapterFormatError(f"{where(config_path, 'peft_type')}: unknown adapter type {peft_type!r}; tenfold "
+                                 f"reads peft_type {', '.join(SUPPORTED_PEFT_TYPES)} and its own format "
+                                 f"(\"format\": \"tenfold\")")
+    return claimed[0]
 
 
 def load_adapter(path, spec: ModelSpec | None = None, *, max_bytes: int | None = None,
@@ -60,12 +49,8 @@ def load_adapter(path, spec: ModelSpec | None = None, *, max_bytes: int | None =
     tensors = checkpoint.read_tensors(source, max_bytes)
     if kind == "tenfold":
         adapter = _read_tenfold(config, tensors, source)
-    elif kind == "lorta":
-        adapter = lorta_format.read(config, tensors, source, lorta_orientation)
     else:
-        reader = {"lora": lora_format.read, "loretta_rep": loretta_rep_format.read, "miss": miss_format.read,
-                  "loretta_adp": loretta_adp_format.read}[kind]
-        adapter = reader(config, tensors, source)
+        adapter = DECLARATIONS[kind].read(config, tensors, source, ReadOptions(lorta_orientation=lorta_orientation))
     if spec is not None:
         adapter.validate(spec)
     elif adapter.spec is not None:

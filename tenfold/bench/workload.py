@@ -21,16 +21,6 @@ CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU
 # the benchmark model of the issues: hidden 512, 8 layers (~30M parameters with its 512-token vocabulary)
 BENCH_MODEL = dict(hidden_size=512, num_heads=8, num_kv_heads=8, num_layers=8, intermediate_size=1376,
                    vocab_size=512)
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# typical sizes per family; anything not named here is the family's `create` default
-FAMILY_SETTINGS = {
-    "lora": dict(target_modules=ALL_LINEAR, r=16),
-    "lorta": dict(r=16),  # q, k, v, o
-    "miss": dict(target_modules=ALL_LINEAR, r=16),
-    "loretta_rep": dict(r=8),
-    "loretta_adp": dict(bottleneck_size=64),
-    "bat": dict(target_modules=["q_proj", "v_proj"], r=16),
-}
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank
 
 
@@ -83,8 +73,9 @@ def synth_adapters(family: str, count: int, model_dir: Path, cache_dir: Path, dt
 
     from ..adapters import FAMILIES, ModelSpec, save_adapter
     from ..adapters.convert import convert_to_lora
+    from ..adapters.registry import DECLARATIONS
 
-    settings = {"family": family, "create": FAMILY_SETTINGS[family], "dtype": dtype,
+    settings = {"family": family, "create": DECLARATIONS[family].bench_settings, "dtype": dtype,
                 "format": "peft" if lora_form else "tenfold",
                 "model": json.loads(model_identity(model_dir).read_text())}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -97,7 +88,7 @@ def synth_adapters(family: str, count: int, model_dir: Path, cache_dir: Path, dt
     root.mkdir(parents=True, exist_ok=True)
     for path in tqdm(missing, desc=f"{family} adapters ({settings['format']})", unit="adapter", disable=not progress):
         seed = int(path.name.rsplit("-", 1)[1])
-        adapter = FAMILIES[family].create(spec, **FAMILY_SETTINGS[family], init="random", seed=1000 + seed,
+        adapter = FAMILIES[family].create(spec, **DECLARATIONS[family].bench_settings, init="random", seed=1000 + seed,
                                           dtype=getattr(torch, dtype))
         # written aside and renamed when complete: a cut run never leaves half an adapter behind
         tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")

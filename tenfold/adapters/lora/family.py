@@ -43,6 +43,10 @@ class LoRA(LowRankAdapter):
     def rank(self) -> int:
         return int(self.config["r"])
 
+    @property
+    def largest_lora_rank(self) -> int:
+        return max(self.factors(k)[0].shape[0] for k in self.targets)  # rank_pattern may vary it per module
+
     def factors(self, key: ModuleKey):
         name = key_name(key)
         return self.tensor(f"{name}.lora_A"), self.tensor(f"{name}.lora_B")

@@ -1,4 +1,12 @@
 """LoRETTA adp: tensorized bottleneck adapters."""
+from ..declaration import FamilyDeclaration
+from . import format as official
 from .family import LoRETTAAdp
 
-__all__ = ["LoRETTAAdp"]
+DECLARATION = FamilyDeclaration(
+    LoRETTAAdp, peft_types=("BOTTLENECK",), claims=lambda config: True,
+    read=lambda config, tensors, source, options: official.read(config, tensors, source),
+    bucket="tenfold.engine.families.bottleneck:BottleneckBucket",
+    bench_settings=dict(bottleneck_size=64))
+
+__all__ = ["DECLARATION", "LoRETTAAdp"]

@@ -1,4 +1,12 @@
 """LoRETTA rep: tensor-train reparameterized LoRA."""
+from ..declaration import FamilyDeclaration
+from . import format as official
 from .family import LoRETTARep
 
-__all__ = ["LoRETTARep"]
+DECLARATION = FamilyDeclaration(
+    LoRETTARep, peft_types=("LORA",), claims=lambda config: config.get("tensor_rank") is not None,  # the official fork
+    read=lambda config, tensors, source, options: official.read(config, tensors, source),
+    bucket="tenfold.engine.families.lowrank:LowRankBucket",
+    bench_settings=dict(r=8))
+
+__all__ = ["DECLARATION", "LoRETTARep"]

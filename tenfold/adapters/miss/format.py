@@ -1,5 +1,6 @@
 """PEFT MiSS (peft_type MISS, ``miss_block``) and legacy Bone (peft_type BONE, ``bone_block``) directories.
-``init_weights`` decides the variant: true/false -> default, "mini" -> mini (with mini_r), "bat" -> Bat."""
+``init_weights`` decides the variant: true/false -> default, "mini" -> mini (with mini_r), "bat" -> Bat (read by
+`bat/format.py` from what `parsed` returns)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from ..base import key_name
 from ..checkpoint import CONFIG_NAME, group_by_module
 from ..errors import AdapterFormatError, where
 from ..settings import Refusal, audit, not_set, template_from_paths
-from ..bat.family import Bat
 from .family import MiSS
 
 
@@ -22,7 +22,12 @@ REFUSED = (
 )
 
 
-def read(config: dict, tensors: dict, source: Path):
+def is_bat(config: dict) -> bool:
+    return config.get("init_weights") == "bat"
+
+
+def parsed(config: dict, tensors: dict, source: Path) -> tuple[dict, dict]:
+    """Settings audited; (tenfold's config of the blocks shared by every variant, tensors by tenfold's names)."""
     cfg_path = source.parent / CONFIG_NAME
     audit(config, cfg_path, HONOURED, REFUSED, f"PEFT {config.get('peft_type')}")
     if not isinstance(config.get("r"), int):
@@ -44,9 +49,13 @@ def read(config: dict, tensors: dict, source: Path):
                             # PEFT's default for every architecture tenfold serves
                             "target_modules": (config["target_modules"] if config.get("target_modules") is not None
                                                else ["q_proj", "v_proj"])}}
-    if init == "bat":
-        return Bat(common, ours, source=source)
-    if init == "mini":
+    return common, ours
+
+
+def read(config: dict, tensors: dict, source: Path) -> MiSS:
+    cfg_path = source.parent / CONFIG_NAME
+    common, ours = parsed(config, tensors, source)
+    if config.get("init_weights") == "mini":
         if not isinstance(config.get("mini_r"), int):
             raise AdapterFormatError(f"{where(cfg_path, 'mini_r')}: the mini variant needs an integer mini_r")
         return MiSS({**common, "variant": "mini", "mini_r": config["mini_r"]}, ours, source=source)

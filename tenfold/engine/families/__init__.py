@@ -1,16 +1,11 @@
-"""Per-family slot tables and layer applies of the native path (one file per family)."""
+"""Per-family slot tables and layer applies of the native path (one file per family's bucket). Which bucket serves a
+family is the family's own declaration (`adapters/<family>/__init__.py`)."""
 
+from ...adapters.declaration import import_bucket
+from ...adapters.registry import DECLARATIONS
 from .base import Bucket, LayerCall, adapt_layer_input, add_layer_updates, adapted_forward, add_output_updates
-from .bat import BatBucket
-from .bottleneck import BottleneckBucket
-from .lorta import LoRTABucket
-from .lowrank import LowRankBucket
-from .miss import MissBucket
 
-BUCKETS: dict[str, type[Bucket]] = {
-    "lora": LowRankBucket, "loretta_rep": LowRankBucket, "lorta": LoRTABucket, "miss": MissBucket,
-    "bat": BatBucket, "loretta_adp": BottleneckBucket,
-}
+BUCKETS: dict[str, type[Bucket]] = {name: import_bucket(d.bucket) for name, d in DECLARATIONS.items()}
 
 __all__ = ["BUCKETS", "Bucket", "LayerCall", "adapt_layer_input", "add_layer_updates", "adapted_forward",
            "add_output_updates"]

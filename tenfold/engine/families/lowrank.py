@@ -25,9 +25,7 @@ class LowRankBucket(PerModuleBucket):
 
     @classmethod
     def signature_of(cls, adapter):
-        # a LoRA may use a different rank per module: the bucket takes the largest
-        rank = max(adapter.factors(k)[0].shape[0] for k in adapter.targets) if adapter.family == "lora" else adapter.rank
-        return "lowrank", rank, tuple(adapter.targets)
+        return "lowrank", adapter.largest_lora_rank, tuple(adapter.targets)
 
     def row_tensors(self, adapter):
         tensors = {}
