@@ -49,7 +49,8 @@ class ModelSpec:
             raise AdapterMismatchError(
                 f"base model type {model_type!r} is not supported: expected one of {', '.join(SUPPORTED_MODEL_TYPES)}")
         heads = get("num_attention_heads")
-        dtype = get("torch_dtype", None) or get("dtype", None) or "float32"
+        # "dtype" first: newer transformers renamed torch_dtype and warn when the old name is read
+        dtype = get("dtype", None) or get("torch_dtype", None) or "float32"
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype, torch.float32)
         return cls(
