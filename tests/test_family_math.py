@@ -209,3 +209,25 @@ def test_adapter_facts_report_real_worker_bytes(mode, specs, tmp_path, monkeypat
         assert facts.worker_bytes == entries * element, (dtype, tp)
         assert facts.params == layers * (a_q + b_q + a_down + b_down) and facts.nbytes == facts.params * 4
         assert dataclasses.asdict(facts)["worker_dtype"] == str(dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("case", ["loretta_rep", "miss"])
+def test_facts_reuse_the_request_checks_load(case, specs, tmp_path, monkeypatch):
+    """A request's metrics label and a scrape read the adapter's facts from the load the request check made (the same
+    tensor-parallel size): no second read of the files, no slot row rebuilt per call."""
+    from tenfold.adapters import save_adapter
+    from tenfold.engine import loader
+
+    spec = specs["gqa"]
+    adapter = make(case, spec, seed=23)
+    adapter.validate(spec)
+    save_adapter(adapter, tmp_path / case)
+    loader.load_for_native(tmp_path / case, spec, 2)  # the request check's load
+    calls = []
+    for name in ("load_adapter", "_row_params"):
+        original = getattr(loader, name)
+        monkeypatch.setattr(loader, name, lambda *a, _name=name, _original=original, **k: calls.append(_name)
+                            or _original(*a, **k))
+    for _ in range(3):
+        facts = loader.adapter_facts(tmp_path / case, spec, tensor_parallel_size=2)
+    assert calls == [] and facts.family == case and facts.params == adapter.num_params()

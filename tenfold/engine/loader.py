@@ -69,7 +69,10 @@ class NativeAdapter:
     adapter: Adapter  # validated against the served model
     fingerprint: str
     slot_params: int  # entries of the adapter's row in its native slot tables (of one tensor-parallel rank)
-    frozen_params: int = 0  # entries of the frozen-weight copies its bucket reads (bat, loretta_adp; one rank)
+    all_ranks_slot_params: int  # slot_params summed over the tensor-parallel ranks (each shard's row differs)
+    frozen_params: int  # entries of the frozen-weight copies its bucket reads (bat, loretta_adp; one rank)
+    params: int  # the adapter's own parameters and their bytes: counted once here, not per request's metrics label
+    nbytes: int
 
     def bucket_bytes(self, slots: int, element_size: int) -> int:
         """The adapter memory its bucket reserves at most when it is the first of its kind: one row per slot, plus
@@ -98,7 +101,9 @@ def _load_native(directory: Path, version: str, spec: ModelSpec, tensor_parallel
     with torch.no_grad():
         slot_params = sum(t.numel() for t in bucket.row_tensors(adapter).values())
     frozen_params = sum(math.prod(shard.weight_shape(module)) for _, module in bucket.frozen_weights())
-    return NativeAdapter(adapter, version, slot_params, frozen_params)
+    other_ranks = sum(_row_params(adapter, spec, tensor_parallel_size, rank) for rank in range(1, tensor_parallel_size))
+    return NativeAdapter(adapter, version, slot_params, slot_params + other_ranks, frozen_params,
+                         adapter.num_params(), adapter.nbytes())
 
 
 def require_fits_budget(path, native: NativeAdapter, spec: ModelSpec, slots: int, max_rank: int) -> None:
@@ -212,15 +217,15 @@ def adapter_facts(path, spec: ModelSpec, *, tensor_parallel_size: int = 1,
     """What serving this adapter costs on the current execution path (TENFOLD_MODE): the adapter's own size and the
     bytes its workers hold, in the dtype they hold it in (`worker_dtype`, by default what the engine uses on this
     platform for `spec.dtype`), summed over the `tensor_parallel_size` ranks (each holds its own shard plus the
-    parts every rank needs)."""
+    parts every rank needs). Built on the request check's cached load (the same key: one read of the files per
+    process and file version), so labelling a request or a scrape costs a lookup."""
     if execution_mode_is_native():
         native = load_for_native(path, spec, tensor_parallel_size)
         a = native.adapter
         dtype = worker_dtype or _worker_dtype(spec, a.family)
         element, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
-        entries = native.slot_params + sum(_row_params(a, spec, tensor_parallel_size, rank)
-                                           for rank in range(1, tensor_parallel_size))
-        return AdapterFacts(a.family, a.rank, a.num_params(), a.nbytes(), entries * element, name,
+        entries = native.all_ranks_slot_params
+        return AdapterFacts(a.family, a.rank, native.params, native.nbytes, entries * element, name,
                             tensor_parallel_size)
     c = check_for_convert(path, spec)
     dtype = worker_dtype or _worker_dtype(spec)

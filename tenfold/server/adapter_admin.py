@@ -65,7 +65,9 @@ class AdapterAdmin:
                  "residency": "worker" if held.get("tiers") else "registered", "tiers": held.get("tiers", []),
                  "pinned": lora.lora_name in residency["pinned"]}
         try:
-            adapter = adapter_facts(lora.lora_path, served_spec(self.state.vllm_config.model_config.hf_config))
+            vllm_config = self.state.vllm_config
+            adapter = adapter_facts(lora.lora_path, served_spec(vllm_config.model_config.hf_config),
+                                    tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size)
             facts.update(family=adapter.family, rank=adapter.rank, params=adapter.params, bytes=adapter.nbytes)
         except Exception as e:  # a listing never fails because one adapter went bad on disk
             facts["error"] = str(e)

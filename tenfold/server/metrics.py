@@ -31,13 +31,12 @@ VERSIONS = Gauge("tenfold_adapter_versions", "Adapter versions the engine holds:
                  "plus retired ones (unloaded or rewritten) that requests in flight still use")
 
 
-def family_of(lora_request, spec) -> str:
+def family_of(lora_request, facts_of) -> str:
+    """`facts_of(path)`: the engine's cached `adapter_facts` for its served model and tensor-parallel size."""
     if lora_request is None:
         return BASE
-    from ..engine.loader import adapter_facts
-
     try:
-        return adapter_facts(lora_request.lora_path, spec).family
+        return facts_of(lora_request.lora_path).family
     except Exception:  # an adapter that fails validation is still counted, as an error
         return "invalid"
 
@@ -45,8 +44,8 @@ def family_of(lora_request, spec) -> str:
 class RequestTracker:
     """One generation request: counts it and its tokens, times first token and completion."""
 
-    def __init__(self, lora_request, spec, delta_outputs: bool):
-        self.labels = (lora_request.lora_name if lora_request else BASE, family_of(lora_request, spec))
+    def __init__(self, lora_request, facts_of, delta_outputs: bool):
+        self.labels = (lora_request.lora_name if lora_request else BASE, family_of(lora_request, facts_of))
         self.delta = delta_outputs
         self.start = time.perf_counter()
         self.first_token_seen = False
@@ -72,8 +71,8 @@ class RequestTracker:
 
 
 class LoadTracker:
-    def __init__(self, lora_request, spec):
-        self.family = family_of(lora_request, spec)
+    def __init__(self, lora_request, facts_of):
+        self.family = family_of(lora_request, facts_of)
         self.start = time.perf_counter()
 
     def done(self, ok: bool) -> None:
@@ -89,8 +88,8 @@ class ResidencyTracker:
     the ledger is updated by the workers as adapters move, so the scrape sees the state at that moment and the
     cumulative tier entries and exits in between (an adapter loaded and evicted between two scrapes is counted)."""
 
-    def __init__(self, spec, tensor_parallel_size: int = 1):
-        self.spec, self.tensor_parallel_size = spec, tensor_parallel_size
+    def __init__(self, facts_of):
+        self.facts_of = facts_of  # path -> the engine's cached adapter_facts
         self.admin = None  # set once the admin exists (it needs the app state the tracker's engine client feeds)
         self.snapshot: dict | None = None
         self.facts: dict[str, tuple[str, int, int]] = {}  # name -> (family, own bytes, worker bytes)
@@ -103,11 +102,9 @@ class ResidencyTracker:
         UNLOADS.inc()
 
     def _facts(self, name: str, lora) -> tuple[str, int, int] | None:
-        from ..engine.loader import adapter_facts
-
         if lora is not None:
             try:
-                facts = adapter_facts(lora.lora_path, self.spec, tensor_parallel_size=self.tensor_parallel_size)
+                facts = self.facts_of(lora.lora_path)
                 self.facts[name] = (facts.family, facts.nbytes, facts.worker_bytes)
             except Exception:  # an adapter that went bad on disk keeps the facts it was served with
                 pass

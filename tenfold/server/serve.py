@@ -6,6 +6,7 @@ and gRPC stop, each with a bounded grace period so that no connection can hold t
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -165,15 +166,18 @@ def _instrument(engine_client):
     """Hook tenfold's metrics into this engine client; returns the residency tracker for /metrics scrapes."""
     from vllm.sampling_params import RequestOutputKind
 
+    from ..engine.loader import adapter_facts
     from ..engine.vllm_compat import instrument_engine_client, served_spec
     from . import metrics
 
     spec = served_spec(engine_client.vllm_config.model_config.hf_config)
-    residency = metrics.ResidencyTracker(spec, engine_client.vllm_config.parallel_config.tensor_parallel_size)
+    tensor_parallel_size = engine_client.vllm_config.parallel_config.tensor_parallel_size
+    facts_of = functools.partial(adapter_facts, spec=spec, tensor_parallel_size=tensor_parallel_size)
+    residency = metrics.ResidencyTracker(facts_of)
     instrument_engine_client(
         engine_client,
-        on_request=lambda lora, params: metrics.RequestTracker(lora, spec,
+        on_request=lambda lora, params: metrics.RequestTracker(lora, facts_of,
                                                                params.output_kind == RequestOutputKind.DELTA),
-        on_load=lambda lora: metrics.LoadTracker(lora, spec),
+        on_load=lambda lora: metrics.LoadTracker(lora, facts_of),
         on_unload=residency.note_unload)
     return residency
