@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("vllm", reason="the plugin patches vllm")
 
 from tenfold.engine import plugin, vllm_compat  # noqa: E402
+from tenfold.kernels import lora_cpu_ops  # noqa: E402
 
 
 def test_entry_point_is_installed():
@@ -25,7 +26,7 @@ def test_register_is_idempotent():
     plugin.register()
     vllm_compat.apply()
     assert (WorkerLoRAManager._load_adapter, lora_ops.bgmv_shrink) == patched
-    assert lora_ops.bgmv_shrink is vllm_compat.bgmv_shrink
+    assert lora_ops.bgmv_shrink is lora_cpu_ops.bgmv_shrink
 
 
 def test_unsupported_vllm_version_is_refused(monkeypatch):
@@ -45,7 +46,7 @@ def test_cpu_ops_leave_rows_without_adapter_untouched():
     inputs = torch.randn(5, rank)
     indices = torch.tensor([0, -1, 2, -1, 1])
     out = torch.zeros(5, width)
-    vllm_compat.bgmv_expand(inputs, weights, out, indices, add_inputs=True)
+    lora_cpu_ops.bgmv_expand(inputs, weights, out, indices, add_inputs=True)
     assert torch.equal(out[1], torch.zeros(width)) and torch.equal(out[3], torch.zeros(width))
     torch.testing.assert_close(out[2], weights[2, 0] @ inputs[2])
 

@@ -10,7 +10,8 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
    `/v1/load_lora_adapter` check does too, off the event loop, answering 400 (unusable adapter), 413 (over the size
    limit) or 404 (no such path) instead of a 500 from the worker.
 3. CPU LoRA ops: vLLM 0.32's torch ops gather slot index -1 ("no adapter") as the last slot, which applies an
-   adapter to base-model rows batched with adapter rows; the patched ops zero those rows.
+   adapter to base-model rows batched with adapter rows; the replacements (`kernels/lora_cpu_ops.py`) zero those
+   rows.
 4. Prefix caching: block hashes of adapter requests also carry the fingerprint of the adapter version the request
    was admitted with, so a rewritten adapter never reuses KV computed with its previous weights.
 5. Worker cache: an adapter already resident is activated without vLLM's per-call cache copies; a step's adapters
@@ -21,8 +22,7 @@ Patches (all idempotent, applied by `apply()` in every vLLM process through the 
    `_all_lora_classes`; the model manager skips the embedding and logits wrappers (no family adapts them, and their
    per-slot buffers are dense), creates the native state beside the punica wrapper, registers native adapters
    without LoRA packing, and mirrors slot activation, eviction and mapping changes into the slot store.
-7. Instrumentation (`instrument_engine_client`, called by `tenfold serve` on its own engine client): per-request and
-   per-load hooks for tenfold's metrics.
+7. (Instrumentation wraps an engine client instance, not a vLLM class: `server/instrument.py`.)
 9. Adapter lifecycle: `AsyncLLM` and `LLMEngine` admit adapter requests through `versions.AdapterVersions` (an
    immutable snapshot and an engine id per adapter version, freed when unloaded and idle), and vLLM's OpenAI
    front end resolves a name again from the adapter root when an unload raced its lookup.
@@ -569,46 +569,12 @@ def _patch_compilation() -> None:
 
 
 # --- 3: CPU LoRA ops -----------------------------------------------------------------------------------------------
-def _gathered(weights: torch.Tensor, indices: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row adapter weights and a mask that is 0 for rows without an adapter (index -1)."""
-    valid = indices >= 0
-    selected = weights[indices.clamp(min=0)].to(dtype=dtype)
-    if selected.dim() == 4:
-        selected = selected.squeeze(dim=1)
-    return selected, valid.to(dtype)[:, None]
-
-
-def bgmv_shrink(inputs, lora_a_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
-    selected, mask = _gathered(lora_a_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected) * mask
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs
-
-
-def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
-    selected, mask = _gathered(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected) * mask
-    limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
-    common = min(outputs.shape[1], output_tensor.shape[1])
-    if add_inputs:
-        output_tensor[:, :common] += outputs[:limit, :common]
-    else:
-        output_tensor[:, :common] = outputs[:limit, :common]
-
-
-def bgmv_expand_slice(inputs, lora_b_weights, output_tensor, lora_indices_tensor, slice_offset: int, slice_size: int,
-                      add_inputs: bool = True):
-    selected, mask = _gathered(lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    outputs = torch.einsum("bi, boi -> bo", inputs.to(dtype=output_tensor.dtype), selected) * mask
-    if add_inputs:
-        output_tensor[:, slice_offset: slice_offset + slice_size] += outputs
-    else:
-        output_tensor[:, slice_offset: slice_offset + slice_size] = outputs
-
-
 def _patch_cpu_lora_ops() -> None:
     import vllm.lora.ops.torch_ops as package
     import vllm.lora.ops.torch_ops.lora_ops as ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    from ..kernels.lora_cpu_ops import bgmv_expand, bgmv_expand_slice, bgmv_shrink
 
     fixed = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
     # sgmv_* call bgmv_* through the ops module's globals; punica_cpu and the package imported the names directly.
@@ -784,51 +750,6 @@ def _patch_native_execution() -> None:
     manager.remove_all_adapters = remove_all_adapters
     manager._set_adapter_mapping = _set_adapter_mapping
     manager.create_dummy_lora = create_dummy_lora
-
-
-# --- 7: instrumentation of one engine client ------------------------------------------------------------------------
-def instrument_engine_client(engine_client, on_request, on_load, on_unload) -> None:
-    """Wrap this client's generate/add_lora/remove_lora (instance attributes, nothing global) with callbacks:
-    on_request(lora_request, sampling_params) -> tracker with output(o)/failed()/done();
-    on_load(lora_request) -> tracker with done(ok); on_unload(lora_id)."""
-    import asyncio
-
-    generate, add_lora, remove_lora = engine_client.generate, engine_client.add_lora, engine_client.remove_lora
-
-    async def instrumented_generate(prompt, sampling_params, request_id, *args, lora_request=None, **kwargs):
-        # labelling reads the adapter (its family) the first time: off the event loop, like admission
-        tracker = await asyncio.to_thread(on_request, lora_request, sampling_params)
-        try:
-            async for output in generate(prompt, sampling_params, request_id, *args, lora_request=lora_request,
-                                         **kwargs):
-                tracker.output(output)
-                yield output
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except BaseException:
-            tracker.failed()
-            raise
-        finally:
-            tracker.done()
-
-    async def instrumented_add_lora(lora_request):
-        tracker = await asyncio.to_thread(on_load, lora_request)
-        try:
-            loaded = await add_lora(lora_request)
-        except BaseException:
-            tracker.done(False)
-            raise
-        tracker.done(True)
-        return loaded
-
-    async def instrumented_remove_lora(lora_id):
-        removed = await remove_lora(lora_id)
-        on_unload(lora_id)
-        return removed
-
-    engine_client.generate = instrumented_generate
-    engine_client.add_lora = instrumented_add_lora
-    engine_client.remove_lora = instrumented_remove_lora
 
 
 # --- 11: residency ledger and pins in every worker ------------------------------------------------------------------

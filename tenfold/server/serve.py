@@ -167,8 +167,9 @@ def _instrument(engine_client):
     from vllm.sampling_params import RequestOutputKind
 
     from ..engine.loader import adapter_facts
-    from ..engine.vllm_compat import instrument_engine_client, served_spec
+    from ..engine.vllm_compat import served_spec
     from . import metrics
+    from .instrument import instrument_engine_client
 
     spec = served_spec(engine_client.vllm_config.model_config.hf_config)
     tensor_parallel_size = engine_client.vllm_config.parallel_config.tensor_parallel_size
