@@ -21,7 +21,7 @@ import torch
 from tenfold.adapters import FAMILIES, ModelSpec
 from tenfold.adapters.registry import DECLARATIONS
 from tenfold.bench.workload import BENCH_MODEL as MODEL
-from tenfold.engine.families import BUCKETS
+from tenfold.engine.buckets import BUCKETS
 
 
 def apply_macs(family: str, adapter, spec: ModelSpec) -> int:

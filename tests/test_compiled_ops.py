@@ -14,7 +14,7 @@ import torch
 
 from adapter_cases import CASES, make
 from tenfold.engine import compiled_ops  # noqa: F401  (registers the tenfold:: ops)
-from tenfold.engine.families import LayerCall, adapt_layer_input, add_layer_updates, add_output_updates
+from tenfold.engine.buckets import LayerCall, adapt_layer_input, add_layer_updates, add_output_updates
 from tenfold.engine.native_state import NativeState
 from tenfold.engine.slots import SlotStore
 from test_native_ops import FUSED, frozen_layer, reference_forward

@@ -169,7 +169,7 @@ def test_lorta_slot_row_size_on_llama2_7b_shapes(orientation, row_params, cpu_ke
     slot row 729k (2.65x, 2.9 MB in fp32), its heads_in row 542k (1.97x), or beside tenfold's CPU kernels 795k
     (2.89x: their product A_in [r, d] replaces B^T and C_h). The README quotes these numbers."""
     from tenfold.adapters import FAMILIES, ModelSpec
-    from tenfold.engine.families import BUCKETS
+    from tenfold.engine.buckets import BUCKETS
     from tenfold.engine.sharding import Shard
 
     spec = ModelSpec(**LLAMA2_7B)

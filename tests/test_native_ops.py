@@ -9,7 +9,7 @@ import torch
 
 from adapter_cases import CASES, make
 from tenfold.engine.batch_plan import plan_batch
-from tenfold.engine.families import adapted_forward, add_output_updates
+from tenfold.engine.buckets import adapted_forward, add_output_updates
 from tenfold.engine.slots import SlotStore
 
 FUSED = {"qkv": ["q_proj", "k_proj", "v_proj"], "o": ["o_proj"], "gate_up": ["gate_proj", "up_proj"],

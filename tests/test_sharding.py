@@ -11,7 +11,7 @@ import torch
 from adapter_cases import CASES, make
 from tenfold.adapters import AdapterMismatchError, FAMILIES
 from tenfold.engine.batch_plan import plan_batch
-from tenfold.engine.families import adapted_forward, add_output_updates
+from tenfold.engine.buckets import adapted_forward, add_output_updates
 from tenfold.engine.sharding import COLUMN_PARALLEL, Shard
 from tenfold.engine.slots import SlotStore
 

@@ -1,6 +1,6 @@
 """What a family declares once, as `DECLARATION` in its package's `__init__.py`: how its official checkpoints are
 recognised and read, which serving table holds it, and its typical size for `tenfold bench`. The registry
-(`registry.py`), the engine's bucket table (`engine/families`) and the bench's settings are built from these, so a
+(`registry.py`), the engine's bucket table (`engine/buckets`) and the bench's settings are built from these, so a
 new family is its folder here, its bucket file and any new kernel (README: "Adding a family")."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "HF_HUB_OFFLINE": "1"}
-# the benchmark model of the issues: hidden 512, 8 layers (~30M parameters with its 512-token vocabulary)
+# the small random benchmark model: hidden 512, 8 layers (~30M parameters with its 512-token vocabulary)
 BENCH_MODEL = dict(hidden_size=512, num_heads=8, num_kv_heads=8, num_layers=8, intermediate_size=1376,
                    vocab_size=512)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM accepts for max_lora_rank

@@ -21,7 +21,7 @@ from vllm.lora.layers import (ColumnParallelLinearWithLoRA, MergedColumnParallel
                               RowParallelLinearWithLoRA)
 
 from . import compiled_ops
-from .families import BUCKETS, LayerCall, adapt_layer_input, add_layer_updates, add_output_updates
+from .buckets import BUCKETS, LayerCall, adapt_layer_input, add_layer_updates, add_output_updates
 from .mode import execution_mode
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")

@@ -162,7 +162,7 @@ def _worker_dtype(spec: ModelSpec, family: str | None = None) -> torch.dtype:
     with CPU kernels and as `native_cpu_dtype` says for the others (and for `family` None: the dtype the adapter
     memory budget is sized in), and vLLM's LoRA dtype elsewhere, which follows the model's dtype; vLLM's LoRA
     tensors (convert mode) are in the LoRA dtype on every device."""
-    from .families import BUCKETS
+    from .buckets import BUCKETS
 
     model_dtype = _model_dtype(spec)
     if execution_mode_is_native() and _on_cpu():
@@ -180,7 +180,7 @@ def _model_dtype(spec: ModelSpec) -> torch.dtype:
 def _row_bucket(adapter: Adapter, spec: ModelSpec, shard):
     """A throwaway bucket that builds the adapter's slot row as a worker of `shard` would, in the layout of tenfold's
     CPU kernels where the workers use them (some families keep other tables beside the kernels)."""
-    from .families import BUCKETS
+    from .buckets import BUCKETS
 
     cls = BUCKETS[adapter.family]
     kernels = (cls.has_cpu_kernels and execution_mode_is_native() and _on_cpu()

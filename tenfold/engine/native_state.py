@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .batch_plan import BucketGroup, plan_batch
-from .families import Bucket
+from .buckets import Bucket
 from .slots import SlotStore
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..adapters import Adapter, ModelSpec
 from .adapter_memory import MIN_DEFAULT_BYTES, AdapterArena, AdapterMemoryError, PackedTables, gib, table_layout
-from .families import BUCKETS, Bucket
+from .buckets import BUCKETS, Bucket
 from .sharding import Shard
 
 _log = logging.getLogger("vllm.tenfold")  # under vLLM's logger namespace, so it reaches the engine's log

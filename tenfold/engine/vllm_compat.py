@@ -847,7 +847,7 @@ def _patch_residency() -> None:
 
 def _kernel_families() -> str:
     """The families whose tables tenfold's CPU kernels read in the model's dtype, for the start-up log."""
-    from .families import BUCKETS
+    from .buckets import BUCKETS
 
     families = sorted(f for f, bucket in BUCKETS.items() if bucket.has_cpu_kernels)
     return "every family's" if len(families) == len(BUCKETS) else ", ".join(families)

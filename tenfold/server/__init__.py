@@ -1,1 +1,2 @@
-"""Serving front ends: the `tenfold` command line (and, with the server issue, HTTP, gRPC and metrics)."""
+"""Serving front ends: the `tenfold` command line, the HTTP server (vLLM's OpenAI app with tenfold's routes), gRPC and
+metrics."""

@@ -15,7 +15,7 @@ from ..engine.mode import ENV as MODE_ENV
 from ..engine.mode import MODES
 from ..engine.resolver import ROOT_ENV, InvalidAdapterName, adapter_path
 from .adapter_admin import AdapterAdmin, AdminError, ServeSettings
-from .admin import install
+from .admin_routes import install
 
 GRPC_GRACE_SECONDS = 10
 HTTP_GRACE_SECONDS = 10

@@ -6,7 +6,7 @@ from .family import LoRETTAAdp
 DECLARATION = FamilyDeclaration(
     LoRETTAAdp, peft_types=("BOTTLENECK",), claims=lambda config: True,
     read=lambda config, tensors, source, options: official.read(config, tensors, source),
-    bucket="tenfold.engine.families.bottleneck:BottleneckBucket",
+    bucket="tenfold.engine.buckets.bottleneck:BottleneckBucket",
     bench_settings=dict(bottleneck_size=64))
 
 __all__ = ["DECLARATION", "LoRETTAAdp"]

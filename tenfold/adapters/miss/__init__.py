@@ -7,7 +7,7 @@ from .family import MiSS
 DECLARATION = FamilyDeclaration(
     MiSS, peft_types=("MISS", "BONE"), claims=lambda config: not official.is_bat(config),
     read=lambda config, tensors, source, options: official.read(config, tensors, source),
-    bucket="tenfold.engine.families.miss:MissBucket",
+    bucket="tenfold.engine.buckets.miss:MissBucket",
     bench_settings=dict(target_modules=list(LINEAR_MODULES), r=16))
 
 __all__ = ["DECLARATION", "MiSS"]
