@@ -91,11 +91,15 @@ class TenfoldServicer(services.TenfoldServicer):
         try:
             async for output in self._stream(request, context):
                 completion = output.outputs[0]
-                yield pb.GenerateResponse(
-                    text=completion.text[sent_text:], token_ids=list(completion.token_ids)[sent_tokens:],
+                # vLLM's cumulative output shares its token list with the request's state, which grows while this
+                # generator waits at its yield: take the snapshot and the sent counts before yielding
+                text, token_ids = completion.text, list(completion.token_ids)
+                chunk = pb.GenerateResponse(
+                    text=text[sent_text:], token_ids=token_ids[sent_tokens:],
                     finish_reason=completion.finish_reason or "" if output.finished else "",
-                    usage=self._usage(output))
-                sent_text, sent_tokens = len(completion.text), len(completion.token_ids)
+                    usage=pb.Usage(prompt_tokens=len(output.prompt_token_ids or []), completion_tokens=len(token_ids)))
+                sent_text, sent_tokens = len(text), len(token_ids)
+                yield chunk
         except AdminError as e:
             await self._abort(context, e)
 
