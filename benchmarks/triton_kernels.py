@@ -1,10 +1,10 @@
 """Time tenfold's Triton kernels (one per family apply) on a CUDA GPU at Llama-2-7B shapes, against (a) their torch
-twins, (b) vLLM's Triton LoRA shrink/expand at the same rank, (c) the base GEMMs of the layers they adapt, and (d) the
-floor set by the kernel's own bytes at the bandwidth measured on the same GPU.
+reference ops (`tenfold.kernels.reference`), (b) vLLM's Triton LoRA shrink/expand at the same rank, (c) the base GEMMs
+of the layers they adapt, and (d) the floor set by the kernel's own bytes at the bandwidth measured on the same GPU.
 
     python benchmarks/triton_kernels.py                        # -> benchmarks/results/kernels_<gpu>.json
     python benchmarks/triton_kernels.py --vllm-src /path/to/dir/with/vllm --tokens 64 --adapters 64 --cases lorta_heads_out
-    python benchmarks/triton_kernels.py --smoke                # CPU: tiny shapes, torch twins only (checks the script runs)
+    python benchmarks/triton_kernels.py --smoke                # CPU: tiny shapes, reference ops only (checks the script runs)
 
 Every case applies the family to a whole attention (q, k, v, o) or MLP block for T tokens spread round-robin over S
 distinct adapters (table rows), T in {1, 16, 64, 256}, S in {1, 16, 64}. `cold_us` is triton.testing.do_bench (the L2
@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tenfold.kernels import twins  # noqa: E402
+from tenfold.kernels import reference  # noqa: E402
 from tenfold.kernels.segments import segments_of  # noqa: E402
 
 
@@ -55,7 +55,7 @@ CASES = ("lorta_heads_out", "lorta_heads_in", "lora", "miss", "loretta_adp", "ba
 
 @dataclass
 class Case:
-    """One family applied to one block of a layer: callables taking the ops module (kernels or twins)."""
+    """One family applied to one block of a layer: callables taking the ops module (kernels or reference ops)."""
 
     name: str
     modules: str
@@ -78,7 +78,7 @@ def parse_args(argv=None):
                         help="a directory holding vllm/lora/ops/triton_ops (a vLLM checkout or site-packages); "
                              "default: the installed vllm, if it imports")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/kernels_<gpu>.json)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, torch twins only, no JSON")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, torch reference ops only, no JSON")
     args = parser.parse_args(argv)
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.adapters = [int(s) for s in args.adapters.split(",")]
@@ -106,7 +106,7 @@ class Inputs:
 
     def table(self, *shape, fan_in=None):
         """[S, *shape] random factors scaled by 1/sqrt(fan_in) (default: the first axis, the one a product sums
-        over), so that every update is of order one: large enough for the check against the twins to see it."""
+        over), so that every update is of order one: large enough for the check against the reference ops to see it."""
         return self.randn(self.adapters, *shape, scale=(fan_in or shape[0]) ** -0.5)
 
     @property
@@ -248,11 +248,12 @@ def build_case(name, inputs, shapes, vllm) -> Case:
     return attention_case(name, inputs, shapes, vllm)
 
 
-def error_vs_twin(case: Case, kernels) -> float:
-    """The kernels' largest deviation from the twins on this case, relative to the twins' largest update."""
+def error_vs_reference(case: Case, kernels) -> float:
+    """The kernels' largest deviation from the reference ops on this case, relative to the references' largest
+    update."""
     before = [o.clone() for o in case.outputs]
     results = []
-    for ops in (kernels, twins):
+    for ops in (kernels, reference):
         case.run(ops)
         results.append([(o.float() - b.float()) for o, b in zip(case.outputs, before)])
         for o, b in zip(case.outputs, before):
@@ -306,14 +307,15 @@ def run_gpu(args) -> None:
                        "distinct_adapters": inputs.distinct, "rank": shapes.rank, "floor_bytes": case.floor_bytes,
                        "floor_us": 1e6 * case.floor_bytes / bandwidth, "notes": case.notes}
                 with torch.inference_mode():
-                    row["max_rel_error_vs_twin"] = error_vs_twin(case, kernels)  # the first GPU run is a test too
+                    # the first GPU run is a test too
+                    row["max_rel_error_vs_reference"] = error_vs_reference(case, kernels)
                     row["kernel"] = gpu_timings(lambda: case.run(kernels))
-                    row["twin"] = gpu_timings(lambda: case.run(twins))
+                    row["reference"] = gpu_timings(lambda: case.run(reference))
                     row["base_gemms"] = gpu_timings(case.base)
                     row["segments"] = gpu_timings(lambda: segments_of(inputs.rows, adapters))
                     if case.vllm_lora is not None:
                         row["vllm_lora"] = gpu_timings(case.vllm_lora)
-                for baseline in ("base_gemms", "twin", "vllm_lora"):
+                for baseline in ("base_gemms", "reference", "vllm_lora"):
                     if baseline in row:
                         row[f"kernel_vs_{baseline}"] = row["kernel"]["cold_us"] / row[baseline]["cold_us"]
                 results.append(row)
@@ -338,9 +340,10 @@ def summary_line(row: dict) -> str:
     def us(key):
         timing = row.get(key)
         return f"{timing['cold_us']:8.1f}" if timing else "       -"
-    return (f"{row['case']:16} T={row['tokens']:<4} S={row['adapters']:<3} kernel {us('kernel')} us  twin {us('twin')}"
+    return (f"{row['case']:16} T={row['tokens']:<4} S={row['adapters']:<3} kernel {us('kernel')} us"
+            f"  reference {us('reference')}"
             f"  vllm {us('vllm_lora')}  base {us('base_gemms')}  floor {row['floor_us']:7.1f}"
-            f"  err {row['max_rel_error_vs_twin']:.1e}")
+            f"  err {row['max_rel_error_vs_reference']:.1e}")
 
 
 def goal(results: list[dict]) -> dict:
@@ -359,10 +362,10 @@ def goal(results: list[dict]) -> dict:
 # -- smoke (CPU) -------------------------------------------------------------------------------------------------------
 
 def run_smoke(args) -> None:
-    """Every case at tiny shapes through the torch twins on CPU: the script's plumbing, not a measurement. Under
-    TRITON_INTERPRET=1 the interpreted kernels are checked against the twins on every case as well."""
+    """Every case at tiny shapes through the torch reference ops on CPU: the script's plumbing, not a measurement. Under
+    TRITON_INTERPRET=1 the interpreted kernels are checked against the reference ops on every case as well."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    reference = importlib.import_module("tenfold.kernels.triton") if interpreted else twins
+    checked = importlib.import_module("tenfold.kernels.triton") if interpreted else reference
     for name in args.cases:
         for tokens in (1, 16):
             for adapters in (1, 4):
@@ -370,13 +373,14 @@ def run_smoke(args) -> None:
                 case = build_case(name, inputs, SMOKE, None)
                 with torch.inference_mode():
                     start = time.perf_counter()
-                    case.run(twins)
+                    case.run(reference)
                     case.base()
                     elapsed = time.perf_counter() - start
-                    error = error_vs_twin(case, reference)
-                print(f"smoke {name:16} T={tokens:<3} S={adapters:<2} twin + base ran in {1e3 * elapsed:6.1f} ms"
-                      f" (floor {case.floor_bytes} bytes; {'kernel' if interpreted else 'twin'} vs twin {error:.1g})")
-    print("smoke run complete: the twins ran on every case; time the kernels on a CUDA GPU without --smoke")
+                    error = error_vs_reference(case, checked)
+                print(f"smoke {name:16} T={tokens:<3} S={adapters:<2} reference + base ran in {1e3 * elapsed:6.1f} ms"
+                      f" (floor {case.floor_bytes} bytes; {'kernel' if interpreted else 'reference op'} vs reference "
+                      f"op {error:.1g})")
+    print("smoke run complete: the reference ops ran on every case; time the kernels on a CUDA GPU without --smoke")
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 """The cases of tests/test_triton_kernels.py, run in a process started with TRITON_INTERPRET=1 (it runs this file):
-the Triton kernels, executed by Triton's interpreter on CPU, against their torch twins; twins and kernels against
+the Triton kernels, executed by Triton's interpreter on CPU, against their torch reference ops; both against
 each family's own math; the device-side token grouping against a plain Python grouping; the dispatch.
 
 Run directly: TRITON_INTERPRET=1 python -m pytest tests/triton_kernel_cases.py
@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 from tenfold.adapters import FAMILIES, ModelSpec  # noqa: E402
 from tenfold.adapters.lorta.family import MATRICES  # noqa: E402
-from tenfold.kernels import dispatch, twins  # noqa: E402
+from tenfold.kernels import dispatch, reference  # noqa: E402
 from tenfold.kernels import triton as kernels  # noqa: E402
 from tenfold.kernels.launch import LaunchConfig  # noqa: E402
 from tenfold.kernels.segments import rows_for_bucket, segments_of  # noqa: E402
@@ -55,12 +55,12 @@ def batch(seed, tokens=70):
 
 
 def compare(apply, rows, out_features, g, dtype=torch.float32, tolerance=None, slice_of_wider=False):
-    """Run apply(implementation, output) with the kernels and with the twins on the same poisoned output."""
+    """Run apply(implementation, output) with the kernels and with the reference ops on the same poisoned output."""
     tokens = rows.numel()
     offset = 8 if slice_of_wider else 0
     poisoned = randn(g, tokens, out_features + 2 * offset, dtype=dtype)
     results = {}
-    for name, implementation in (("kernel", kernels), ("twin", twins)):
+    for name, implementation in (("kernel", kernels), ("reference", reference)):
         buffer = poisoned.clone()
         apply(implementation, buffer[:, offset:offset + out_features])
         results[name] = buffer
@@ -71,9 +71,9 @@ def compare(apply, rows, out_features, g, dtype=torch.float32, tolerance=None, s
             assert torch.equal(buffer[:, :offset], poisoned[:, :offset]), f"{name}: columns left of the slice changed"
             assert torch.equal(buffer[:, -offset:], poisoned[:, -offset:]), f"{name}: columns right of it changed"
     columns = slice(offset, offset + out_features)
-    changed = results["twin"][~outside, columns] != poisoned[~outside, columns]
+    changed = results["reference"][~outside, columns] != poisoned[~outside, columns]
     assert changed.float().mean() > 0.9, "the update should change the bucket's rows"
-    torch.testing.assert_close(results["kernel"].float(), results["twin"].float(),
+    torch.testing.assert_close(results["kernel"].float(), results["reference"].float(),
                                **(tolerance or DTYPES["fp32"][1]))
 
 
@@ -106,12 +106,12 @@ def test_rows_for_bucket_maps_slots_to_rows_of_one_bucket():
     assert rows_for_bucket(slot_of_token, bucket_of_slot, row_of_slot, 0).tolist() == [2, -1, 4, 1, 2, -1]
 
 
-def test_segments_and_twins_trace_without_graph_breaks():
-    """No host sync and no data-dependent Python branch: dynamo traces the grouping and a twin apply in one graph."""
+def test_segments_and_reference_ops_trace_without_graph_breaks():
+    """No host sync and no data-dependent Python branch: dynamo traces the grouping and an apply in one graph."""
 
     def step(rows, x, a, b, output):
         seg = segments_of(rows, R)
-        twins.lowrank_apply(x, a, b, seg, output)
+        reference.lowrank_apply(x, a, b, seg, output)
         return output
 
     g = torch.Generator().manual_seed(0)
@@ -121,7 +121,7 @@ def test_segments_and_twins_trace_without_graph_breaks():
     torch.testing.assert_close(compiled(rows, x, a, b, poisoned.clone()), step(rows, x, a, b, poisoned.clone()))
 
 
-# -- kernels against twins -------------------------------------------------------------------------------------------
+# -- kernels against reference ops -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPES.keys())
@@ -133,8 +133,8 @@ def test_lowrank(config, dtype):
     compare(lambda ops, out: ops.lowrank_apply(x, a, b, seg, out, config), rows, 40, g, dtype, tolerance,
             slice_of_wider=True)
     live = rows >= 0
-    u_kernel, u_twin = kernels.lowrank_shrink(x, a, seg, config), twins.lowrank_shrink(x, a, seg)
-    torch.testing.assert_close(u_kernel.sum(0)[live], u_twin.sum(0)[live], **tolerance)
+    u_kernel, u_reference = kernels.lowrank_shrink(x, a, seg, config), reference.lowrank_shrink(x, a, seg)
+    torch.testing.assert_close(u_kernel.sum(0)[live], u_reference.sum(0)[live], **tolerance)
 
 
 @pytest.mark.parametrize("rows", [[0], [-1, -1, -1], [2, 0], list(range(R)) * 7], ids=["one", "none", "few", "even"])
@@ -146,7 +146,7 @@ def test_lowrank_edge_batches(rows):
     poisoned = randn(g, len(rows), 24)
     got, want = poisoned.clone(), poisoned.clone()
     kernels.lowrank_apply(x, a, b, seg, got)
-    twins.lowrank_apply(x, a, b, seg, want)
+    reference.lowrank_apply(x, a, b, seg, want)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     assert torch.equal(got[rows < 0], poisoned[rows < 0])
 
@@ -257,7 +257,7 @@ def check_family(adapters, modules, apply, seed, tokens=40):
         for t, row in enumerate(rows.tolist()):
             if row >= 0:
                 want[t] = torch.cat([adapters[row].apply((LAYER, m), x[t:t + 1], linears[m]) for m in modules], 1)[0]
-    for ops in (twins, kernels):
+    for ops in (reference, kernels):
         got = base.clone()
         apply(ops, x, seg, got, linears)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{ops.__name__}: {m}")
@@ -327,10 +327,10 @@ def test_bottleneck_tables_follow_loretta_adp_math():
 
 # -- dispatch ---------------------------------------------------------------------------------------------------------
 
-def test_dispatch_picks_twins_off_cuda_and_kernels_when_forced():
+def test_dispatch_picks_reference_ops_off_cuda_and_kernels_when_forced():
     cpu = torch.device("cpu")
     for name in dispatch.OPS:
-        assert dispatch.pick(name, cpu) is getattr(twins, name)
+        assert dispatch.pick(name, cpu) is getattr(reference, name)
     with dispatch.forced("triton"):
         assert dispatch.pick("lowrank_apply", cpu) is kernels.lowrank_apply
         g = torch.Generator().manual_seed(9)
@@ -339,15 +339,15 @@ def test_dispatch_picks_twins_off_cuda_and_kernels_when_forced():
         x, a, b, poisoned = randn(g, 20, 24), randn(g, R, 24, 4), randn(g, R, 4, 16), randn(g, 20, 16)
         got, want = poisoned.clone(), poisoned.clone()
         dispatch.lowrank_apply(x, a, b, seg, got)
-        twins.lowrank_apply(x, a, b, seg, want)
+        reference.lowrank_apply(x, a, b, seg, want)
         torch.testing.assert_close(got, want)
-        # an activation the kernel does not compute runs on the twin
+        # an activation the kernel does not compute runs on the reference op
         w_down, b_down, w_up, b_up = randn(g, R, 24, 8), randn(g, R, 8), randn(g, R, 8, 24), randn(g, R, 24)
         s = randn(g, R)
         got = randn(g, 20, 24)
         want = got.clone()
         dispatch.bottleneck_apply(x, w_down, b_down, w_up, b_up, s, seg, got, act="relu6")
-        twins.bottleneck_apply(x, w_down, b_down, w_up, b_up, s, seg, want, act="relu6")
+        reference.bottleneck_apply(x, w_down, b_down, w_up, b_up, s, seg, want, act="relu6")
         assert torch.equal(got, want)
     with pytest.raises(KeyError):
         dispatch.pick("no_such_op", cpu)

@@ -1,4 +1,4 @@
-"""One entry point per family apply: the Triton kernel for CUDA tensors, its torch twin elsewhere.
+"""One entry point per family apply: the Triton kernel for CUDA tensors, its torch reference op elsewhere.
 
     from tenfold.kernels import dispatch
     seg = dispatch.segments_of(row_of_token, bucket.capacity)     # once per bucket and step
@@ -19,10 +19,10 @@ serve several expands (LoRTA's q, k and v; MiSS's sub-modules reading one input)
     bottleneck_apply(z, w_down, b_down, w_up, b_up, scaling, seg, output, act=name)
     bat_apply(x, d, w0, seg, output)
 
-Each also takes `config=LaunchConfig(...)` (block sizes, splits; the twins ignore it). Neither the kernels nor the
-twins sync with the host or branch on data, so they run inside torch.compile and CUDA-graph capture. The wrappers
-below choose by the device of their first argument on every call; code that is compiled should resolve its ops once
-at setup with `pick(name, device)` and call the result, so no dispatch logic is traced. `forced("triton")` runs the
+Each also takes `config=LaunchConfig(...)` (block sizes, splits; the reference ops ignore it). Neither the kernels
+nor the reference ops sync with the host or branch on data, so they run inside torch.compile and CUDA-graph capture.
+The wrappers below choose by the device of their first argument on every call; code that is compiled should resolve
+its ops once at setup with `pick(name, device)` and call the result, so no dispatch logic is traced. `forced("triton")` runs the
 kernels on CPU tensors too, which works when the kernels were imported under TRITON_INTERPRET=1: tests use it.
 """
 
@@ -36,13 +36,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import twins
+from . import reference
 from .launch import LaunchConfig
 from .segments import Segments, rows_for_bucket, segments_of
 
-__all__ = ["OPS", "LaunchConfig", "Segments", "forced", "pick", "rows_for_bucket", "segments_of", *twins.__all__]
+__all__ = ["OPS", "LaunchConfig", "Segments", "forced", "pick", "rows_for_bucket", "segments_of", *reference.__all__]
 
-OPS = tuple(twins.__all__)
+OPS = tuple(reference.__all__)
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenfold_kernel_backend", default=None)
 
 
@@ -67,9 +67,9 @@ def pick(name: str, device: torch.device) -> Callable:
     if name not in OPS:
         raise KeyError(f"no kernel op {name!r}; the ops are {list(OPS)}")
     if backend_for(device) == "torch":
-        return getattr(twins, name)
+        return getattr(reference, name)
     if name == "bottleneck_apply":
-        return _bottleneck_kernel_or_twin
+        return _bottleneck_kernel_or_reference
     return getattr(_triton_ops(), name)
 
 
@@ -82,19 +82,19 @@ def _triton_ops():
 
 
 def _dispatching(name: str) -> Callable:
-    twin = getattr(twins, name)
+    reference_op = getattr(reference, name)
 
-    @functools.wraps(twin)
+    @functools.wraps(reference_op)
     def op(*args, **kwargs):
         return pick(name, args[0].device)(*args, **kwargs)
 
     return op
 
 
-def _bottleneck_kernel_or_twin(z, w_down, b_down, w_up, b_up, scaling, seg, output, *, act, config=None):
-    # the kernel computes a fixed set of activations; any other transformers activation runs on the twin
+def _bottleneck_kernel_or_reference(z, w_down, b_down, w_up, b_up, scaling, seg, output, *, act, config=None):
+    # the kernel computes a fixed set of activations; any other transformers activation runs on the reference op
     kernels = _triton_ops()
-    apply = kernels.bottleneck_apply if kernels.supports_activation(act) else twins.bottleneck_apply
+    apply = kernels.bottleneck_apply if kernels.supports_activation(act) else reference.bottleneck_apply
     return apply(z, w_down, b_down, w_up, b_up, scaling, seg, output, act=act, config=config)
 
 

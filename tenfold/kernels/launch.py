@@ -1,4 +1,4 @@
-"""Launch settings of the Triton kernels, importable without triton (the twins and the dispatch accept them)."""
+"""Launch settings of the Triton kernels, importable without triton (the reference ops and the dispatch accept them)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class LaunchConfig:
     """Overrides of the launch heuristics (tests, tuning); None keeps the heuristic. Fields an op has no use for,
-    and every field for the torch twins, are ignored."""
+    and every field for the torch reference ops, are ignored."""
 
     block_n: int | None = None            # output columns per program (expand kernels)
     block_k: int | None = None            # input columns per loop step (shrink kernels)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 
 
-def lorta_shrink_heads_out(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def lorta_heads_out_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x [C, G, d], A [C, d, r] -> u [C, G, r]."""
     return torch.bmm(x, a)
 
 
-def lorta_shrink_heads_in(x: torch.Tensor, b_t: torch.Tensor, c_h: torch.Tensor) -> torch.Tensor:
+def lorta_heads_in_shrink(x: torch.Tensor, b_t: torch.Tensor, c_h: torch.Tensor) -> torch.Tensor:
     """x [C, G, H * d_h], B^T [C, d_h, r], C_h [C, H, r] -> u [C, G, r]: the head-weighted sum of B x_h."""
     chunks, rows, _ = x.shape
     heads, head_dim = c_h.shape[1], b_t.shape[1]
@@ -24,7 +24,7 @@ def lorta_shrink_heads_in(x: torch.Tensor, b_t: torch.Tensor, c_h: torch.Tensor)
     return (per_head * c_h[:, None]).sum(2)
 
 
-def lorta_expand_heads_out(u: torch.Tensor, head_weights: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def lorta_heads_out_expand(u: torch.Tensor, head_weights: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """u [C, G, r], head weights c_lm * C_h [C, n_heads, r] (heads of one or several matrices), B [C, r, d_h]
     -> [C, G, n_heads * d_h]."""
     chunks, rows, rank = u.shape
@@ -32,6 +32,6 @@ def lorta_expand_heads_out(u: torch.Tensor, head_weights: torch.Tensor, b: torch
     return torch.bmm(scaled.reshape(chunks, -1, rank), b).view(chunks, rows, -1)
 
 
-def lorta_expand_heads_in(u: torch.Tensor, c_lm: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+def lorta_heads_in_expand(u: torch.Tensor, c_lm: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
     """u [C, G, r], c_lm [C, r], A^T [C, r, out] (k/v rows group-averaged) -> [C, G, out]."""
     return torch.bmm(u * c_lm[:, None], a_t)

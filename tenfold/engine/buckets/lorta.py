@@ -22,8 +22,8 @@ import torch
 
 from ...adapters.lorta.family import MATRICES
 from ...kernels import cpu
-from ...kernels.lorta import (lorta_expand_heads_in, lorta_expand_heads_out, lorta_shrink_heads_in,
-                              lorta_shrink_heads_out)
+from ...kernels.lorta import (lorta_heads_in_expand, lorta_heads_in_shrink, lorta_heads_out_expand,
+                              lorta_heads_out_shrink)
 from .base import Bucket
 
 QKV = "q_proj+k_proj+v_proj"  # the fused projection's sub-modules, as `LayerCall.modules` lists them
@@ -103,24 +103,24 @@ class LoRTABucket(Bucket):
             return
         x = group.gather(call.x_compute)
         if self.orientation == "heads_out":
-            u = lorta_shrink_heads_out(x, self.rows(self._own("A_t", call), group).transpose(1, 2))
+            u = lorta_heads_out_shrink(x, self.rows(self._own("A_t", call), group).transpose(1, 2))
             fused = f"HW.{'+'.join(call.modules)}"
             if len(targeted) == len(call.modules) and fused in self.tables:  # one expand over all heads of the call
                 if group.dense and call.output.dtype == call.compute_dtype and call.output.is_contiguous():
                     self._expand_in_place(call, group, u, fused)
                 else:
-                    call.add_fused(group, lorta_expand_heads_out(u, self.rows(fused, group, layer),
+                    call.add_fused(group, lorta_heads_out_expand(u, self.rows(fused, group, layer),
                                                                  self.rows("B", group)))
             else:
                 for m in targeted:
-                    call.add(m, group, lorta_expand_heads_out(u, self.rows(f"HW.{m}", group, layer),
+                    call.add(m, group, lorta_heads_out_expand(u, self.rows(f"HW.{m}", group, layer),
                                                               self.rows("B", group)))
         else:
             c_lm = self.rows("C_lm", group, layer)  # [C, 4, r]
-            u = lorta_shrink_heads_in(x, self.rows("B_t", group), self.rows(self._own("C_h", call), group))
+            u = lorta_heads_in_shrink(x, self.rows("B_t", group), self.rows(self._own("C_h", call), group))
             for m in targeted:
                 a_t = self.rows("A_t_kv" if m in ("k_proj", "v_proj") else self._own("A_t", call), group)
-                call.add(m, group, lorta_expand_heads_in(u, c_lm[:, MATRICES.index(m)], a_t))
+                call.add(m, group, lorta_heads_in_expand(u, c_lm[:, MATRICES.index(m)], a_t))
 
     def _own(self, name, call):
         """The table of a single-module call's own shard when it has one (o_proj under tensor parallelism)."""

@@ -1,6 +1,6 @@
 """Triton kernels of every family's apply over segmented tokens (`tenfold.kernels.segments`).
 
-Each public function has a torch twin of the same name and signature in `tenfold.kernels.twins`;
+Each public function has a torch reference op of the same name and signature in `tenfold.kernels.reference`;
 `tenfold.kernels.dispatch` picks one by device. Importing this package needs triton, not a GPU: under
 TRITON_INTERPRET=1 (set before the import) the kernels run on CPU tensors.
 """

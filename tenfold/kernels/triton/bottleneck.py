@@ -17,7 +17,7 @@ from .segmented import expand, shrink
 
 
 def supports_activation(act: str) -> bool:
-    """Whether the kernel computes this activation (transformers' ACT2FN name); the twin computes all of them."""
+    """Whether the kernel computes this activation (transformers' ACT2FN name); the reference op computes all."""
     return act in ACTIVATIONS
 
 

@@ -101,7 +101,7 @@ def accumulate(out_ptr, tokens, cols, stride_ot, stride_oc, delta, mask):
     tl.store(ptrs, (previous.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# The activations the bottleneck kernel computes in its prologue (transformers' ACT2FN names); others use the twin.
+# The activations the bottleneck kernel computes in its prologue (transformers' ACT2FN names); others, the reference op.
 ACTIVATIONS = {"linear": 0, "relu": 1, "silu": 2, "swish": 2, "gelu": 3, "gelu_new": 4, "gelu_pytorch_tanh": 4,
                "gelu_fast": 4, "tanh": 5, "sigmoid": 6, "quick_gelu": 7}
 

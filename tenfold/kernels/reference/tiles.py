@@ -1,5 +1,5 @@
-"""The twins' view of a `Segments`: its tiles as padded chunks [n_tiles, M], so the existing padded torch ops
-(`tenfold.kernels.lowrank` & co., one batched matmul per bucket and module) serve as the twins unchanged.
+"""The reference ops' view of a `Segments`: its tiles as padded chunks [n_tiles, M], so the existing padded torch ops
+(`tenfold.kernels.lowrank` & co., one batched matmul per bucket and module) serve as the reference ops unchanged.
 
 Built from the same tile table as the kernels, on the device and without a sync; unused tiles and the padding slots
 of partial tiles compute on token 0 and table row 0 and are dropped when the results are written back.

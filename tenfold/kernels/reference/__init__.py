@@ -1,4 +1,4 @@
-"""Torch twins of the Triton kernels in `tenfold.kernels.triton`: the same names and signatures, plain torch ops
+"""Torch reference ops of the Triton kernels in `tenfold.kernels.triton`: the same names and signatures, plain torch ops
 (the padded ops of `tenfold.kernels` over the segments' tiles). They run on any device, need no triton, and are the
 reference the kernels are tested against. Shrinks return u [1, T, r] fp32 (zeros outside the bucket)."""
 

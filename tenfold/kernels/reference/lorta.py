@@ -1,11 +1,11 @@
-"""Torch twin of `tenfold.kernels.triton.lorta` (same names and signatures; `config` is ignored)."""
+"""Torch reference ops of `tenfold.kernels.triton.lorta` (same names and signatures; `config` is ignored)."""
 
 from __future__ import annotations
 
 import torch
 
+from .. import lorta as padded
 from ..launch import LaunchConfig
-from ..lorta import lorta_expand_heads_in, lorta_expand_heads_out, lorta_shrink_heads_in
 from ..segments import Segments
 from .lowrank import lowrank_shrink
 from .tiles import tile_layout
@@ -22,7 +22,7 @@ def lorta_heads_out_expand(u: torch.Tensor, head_weights: torch.Tensor, b: torch
     """output [T, n_heads * d_h] += per head h: (u.sum(0) * head_weights[row, h]) @ B[row];
     head_weights [R, n_heads, r], B [R, r, d_h]."""
     tiles = tile_layout(seg)
-    delta = lorta_expand_heads_out(tiles.gather(u.sum(0), b.dtype), tiles.table(head_weights), tiles.table(b))
+    delta = padded.lorta_heads_out_expand(tiles.gather(u.sum(0), b.dtype), tiles.table(head_weights), tiles.table(b))
     tiles.accumulate(output, delta)
 
 
@@ -36,14 +36,15 @@ def lorta_heads_in_shrink(x: torch.Tensor, b_t: torch.Tensor, c_h: torch.Tensor,
                           config: LaunchConfig | None = None) -> torch.Tensor:
     """x [T, H * d_h], B^T [R, d_h, r], C_h [R, H, r] -> u [1, T, r] fp32: sum_h C_h[h] * (B x_h)."""
     tiles = tile_layout(seg)
-    return tiles.scatter(lorta_shrink_heads_in(tiles.gather(x, b_t.dtype), tiles.table(b_t), tiles.table(c_h)))[None]
+    u = padded.lorta_heads_in_shrink(tiles.gather(x, b_t.dtype), tiles.table(b_t), tiles.table(c_h))
+    return tiles.scatter(u)[None]
 
 
 def lorta_heads_in_expand(u: torch.Tensor, c_lm: torch.Tensor, a_t: torch.Tensor, seg: Segments,
                           output: torch.Tensor, config: LaunchConfig | None = None) -> None:
     """output [T, out] += (u.sum(0) * c_lm[row]) @ A^T[row]; c_lm [R, r], A^T [R, r, out]."""
     tiles = tile_layout(seg)
-    delta = lorta_expand_heads_in(tiles.gather(u.sum(0), a_t.dtype), tiles.table(c_lm), tiles.table(a_t))
+    delta = padded.lorta_heads_in_expand(tiles.gather(u.sum(0), a_t.dtype), tiles.table(c_lm), tiles.table(a_t))
     tiles.accumulate(output, delta)
 
 

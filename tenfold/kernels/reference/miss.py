@@ -1,4 +1,4 @@
-"""Torch twin of `tenfold.kernels.triton.miss` (same names and signatures; `config` is ignored)."""
+"""Torch reference ops of `tenfold.kernels.triton.miss` (same names and signatures; `config` is ignored)."""
 
 from __future__ import annotations
 
