@@ -7,6 +7,9 @@ machine's CPU) and a portable build without AVX-512, which is what CPUs without 
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +121,60 @@ def test_the_build_is_keyed_by_source_cpu_and_torch(monkeypatch):
     name = cpu.build_name()
     monkeypatch.setattr(cpu, "_cpu_features", lambda: "another cpu")
     assert cpu.build_name() != name
+
+
+def _fake_compile(calls: list):
+    def compile_into(private: Path) -> None:
+        calls.append(private)
+        (private / "lock").write_text("")  # torch's build lock, held while it compiles
+        (private / "k.so").write_bytes(b"library")
+        (private / "lock").unlink()
+    return compile_into
+
+
+def test_a_build_that_died_does_not_block_the_next_start(tmp_path):
+    """A build killed mid-way (the older layout built in place and left torch's lock, on which every later start
+    waited forever) is redone, published whole, and its leftovers are cleaned up."""
+    directory = tmp_path / "tenfold_cpu_0123"
+    directory.mkdir()
+    (directory / "lock").write_text("")  # an older tenfold's build in place, killed: lock and no library
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = tmp_path / f".tenfold_cpu_0123.building.{dead.pid}.deadbeef"  # a private build whose process died
+    abandoned.mkdir()
+    (abandoned / "lock").write_text("")
+    calls = []
+    assert cpu.publish_build(directory, "k.so", _fake_compile(calls)) is True
+    assert (directory / "k.so").read_bytes() == b"library" and not (directory / "lock").exists()
+    assert len(calls) == 1 and calls[0].parent == tmp_path and calls[0] != directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tenfold_cpu_0123"]  # no private directory left
+    assert cpu.publish_build(directory, "k.so", _fake_compile(calls)) is False  # built: loaded, not rebuilt
+    assert len(calls) == 1
+
+
+def test_a_failed_build_publishes_nothing(tmp_path):
+    directory = tmp_path / "tenfold_cpu_0123"
+
+    def broken(private: Path) -> None:
+        (private / "half.o").write_bytes(b"")
+        raise RuntimeError("compiler said no")
+
+    with pytest.raises(RuntimeError, match="compiler said no"):
+        cpu.publish_build(directory, "k.so", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_first_builds_keep_the_first_published(tmp_path):
+    directory = tmp_path / "tenfold_cpu_0123"
+
+    def slower(private: Path) -> None:  # another process publishes while this one compiles
+        _fake_compile([])(private)
+        (private / "k.so").write_bytes(b"second")
+        assert cpu.publish_build(directory, "k.so", _fake_compile([])) is True
+
+    assert cpu.publish_build(directory, "k.so", slower) is True
+    assert (directory / "k.so").read_bytes() == b"library"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tenfold_cpu_0123"]
 
 
 def test_an_unknown_choice_is_refused(monkeypatch):

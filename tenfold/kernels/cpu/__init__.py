@@ -22,6 +22,8 @@ row is prefetched: a row is read in strided passes that the hardware prefetchers
 The sources (`*.cpp` beside this file, `common.h`) are compiled on first use for this machine's CPU (`-march=native`: AVX-512 and
 AVX512-BF16 where present) into ~/.cache/tenfold/kernels (or $TENFOLD_KERNEL_CACHE), keyed by the sources, the CPU's
 features and torch's version, so a cache shared by different machines never loads a build made for another CPU.
+Each build runs in a private directory renamed into place when complete, so a build that was killed never blocks a
+later start.
 The compiler is the one torch's inductor uses already (vLLM compiles the model with it on CPU). TENFOLD_CPU_KERNELS
 selects: `native` (default) builds and uses them, and a build that fails stops the engine with the compiler's
 message; `torch` keeps the torch ops (then every family computes in fp32 on CPU, as before these kernels).
@@ -34,7 +36,10 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,21 +100,62 @@ def build(namespace: str, flags: tuple[str, ...]):
 
     name = build_name(namespace, flags)
     directory = cache_dir() / name
-    directory.mkdir(parents=True, exist_ok=True)
-    fresh = not any(directory.glob("*.so"))
-    if fresh:
-        _log.info("tenfold: building the CPU kernels for this machine into %s (once, ~10-30 s)", directory)
-    start = time.perf_counter()
-    try:
-        load(name, [str(path) for path in sources()], extra_cflags=[*flags, f"-DTENFOLD_CPU_OPS={namespace}"],
-             extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False, verbose=False)
-    except Exception as error:  # the compiler's own message is in the error
-        raise RuntimeError(f"tenfold could not build its CPU kernels ({FOLDER}) in {directory}: {error}\n"
-                           f"They need the C++ compiler torch's inductor uses (g++); or set {ENV}=torch to serve with "
-                           f"the slower torch ops") from error
-    if fresh:
+
+    def compile_into(private: Path) -> None:
+        _log.info("tenfold: building the CPU kernels for this machine into %s (once; a minute or two on a few cores)", directory)
+        start = time.perf_counter()
+        try:
+            load(name, [str(path) for path in sources()], extra_cflags=[*flags, f"-DTENFOLD_CPU_OPS={namespace}"],
+                 extra_ldflags=["-fopenmp"], build_directory=str(private), is_python_module=False, verbose=False)
+        except Exception as error:  # the compiler's own message is in the error
+            raise RuntimeError(f"tenfold could not build its CPU kernels ({FOLDER}) in {private}: {error}\n"
+                               f"They need the C++ compiler torch's inductor uses (g++); or set {ENV}=torch to serve "
+                               f"with the slower torch ops") from error
         _log.info("tenfold: CPU kernels built in %.1f s", time.perf_counter() - start)
+
+    library = directory / f"{name}.so"
+    if not publish_build(directory, library.name, compile_into):
+        torch.ops.load_library(str(library))  # built before (compile_into loads what it builds)
     return getattr(torch.ops, namespace)
+
+
+def publish_build(directory: Path, library: str, compile_into: Callable[[Path], None]) -> bool:
+    """Make `directory/library` exist; True when this process compiled it (`compile_into` builds and loads it).
+
+    Every build runs in a directory of its own, renamed to `directory` once complete, so a build that dies (killed,
+    out of memory) leaves no lock or half-written library behind for the next start to wait on: torch's own build
+    lock has no timeout. Concurrent first starts each build; the first rename wins, the others keep theirs loaded."""
+    if (directory / library).exists():
+        return False
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_builds(directory)
+    private = directory.with_name(f".{directory.name}.building.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    private.mkdir()
+    try:
+        compile_into(private)
+        if not (private / library).exists():
+            raise RuntimeError(f"tenfold's CPU kernel build finished without {library} in {private}")
+        if directory.exists() and not (directory / library).exists():
+            shutil.rmtree(directory, ignore_errors=True)  # an incomplete build by an older tenfold (a stale lock)
+        try:
+            private.rename(directory)
+        except OSError:  # another process published first: its library is the same build
+            pass
+    finally:
+        shutil.rmtree(private, ignore_errors=True)  # the loaded library stays mapped after its file is gone
+    return True
+
+
+def _remove_abandoned_builds(directory: Path) -> None:
+    """Delete private build directories of `directory` whose process is gone."""
+    for private in directory.parent.glob(f".{directory.name}.building.*"):
+        try:
+            pid = int(private.name.split(".")[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(private, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def lowrank_apply(x: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor, a_t: list[torch.Tensor],
