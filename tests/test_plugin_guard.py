@@ -29,6 +29,27 @@ def test_register_is_idempotent():
     assert lora_ops.bgmv_shrink is lora_cpu_ops.bgmv_shrink
 
 
+def test_every_replaced_vllm_symbol_is_documented_with_its_patch():
+    """The module's docstring lists, per patch, the vLLM symbols it replaces: a patch that replaces one more must say
+    so there (the owner's name and the attribute's, as words)."""
+    import re
+
+    plugin.register()
+    assert len(vllm_compat.REPLACED) > 30  # every patch recorded what it replaced
+    words = set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", vllm_compat.__doc__))
+    missing = [symbol for symbol in vllm_compat.REPLACED
+               if not {symbol.rsplit(".", 2)[-2], symbol.rsplit(".", 1)[-1]} <= words]
+    assert not missing, f"replaced but not documented in vllm_compat's docstring: {missing}"
+
+
+def test_a_vllm_without_a_patched_symbol_is_refused_by_name():
+    class Upstream:  # stands for a vLLM class whose layout changed
+        pass
+
+    with pytest.raises(vllm_compat.UnsupportedVLLMVersion, match=r"Upstream\._load_adapter, which this vLLM"):
+        vllm_compat._replace(Upstream, "_load_adapter", lambda self: None)
+
+
 def test_unsupported_vllm_version_is_refused(monkeypatch):
     import vllm
 

@@ -74,6 +74,18 @@ class NativeAdapter:
     params: int  # the adapter's own parameters and their bytes: counted once here, not per request's metrics label
     nbytes: int
 
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    @property
+    def rank(self) -> int:
+        return self.adapter.rank
+
+    def worker_entries(self, tensor_parallel_size: int) -> int:
+        """Entries the workers hold for it, all tensor-parallel ranks together (loaded for that size)."""
+        return self.all_ranks_slot_params
+
     def bucket_bytes(self, slots: int, element_size: int) -> int:
         """The adapter memory its bucket reserves at most when it is the first of its kind: one row per slot, plus
         the frozen-weight copies (shared with other buckets that read them)."""
@@ -85,6 +97,23 @@ def load_for_native(path, spec: ModelSpec, tensor_parallel_size: int = 1) -> Nat
     AdapterError subclasses (and FileNotFoundError for a missing directory) with messages fit for the user."""
     return _cached(f"native/tp{tensor_parallel_size}", path, spec,
                    lambda directory, version: _load_native(directory, version, spec, tensor_parallel_size))
+
+
+def load_for_mode(path, spec: ModelSpec, tensor_parallel_size: int = 1, *, max_rank: int | None = None,
+                  budget_slots: int | None = None, tensors: bool = False):
+    """Load `path` as the current execution path (TENFOLD_MODE) serves it, cached per process and file version: the
+    one place that chooses between the paths. Native: a `NativeAdapter`, refused when its bucket alone exceeds the
+    adapter memory of an engine of `budget_slots` slots (when given). Convert: a `ConvertCheck` (what the front end
+    keeps), or with `tensors` the `ConvertedAdapter` a worker registers; refused above `max_rank`. Raises
+    AdapterError subclasses (and FileNotFoundError for a missing directory) with messages fit for the user."""
+    if execution_mode_is_native():
+        native = load_for_native(path, spec, tensor_parallel_size)
+        if budget_slots is not None:
+            require_fits_budget(path, native, spec, budget_slots, max_rank)
+        return native
+    if tensors:
+        return convert_for_vllm(path, spec, max_rank)
+    return check_for_convert(path, spec, max_rank)
 
 
 def _load_native(directory: Path, version: str, spec: ModelSpec, tensor_parallel_size: int) -> NativeAdapter:
@@ -219,26 +248,11 @@ def adapter_facts(path, spec: ModelSpec, *, tensor_parallel_size: int = 1,
     platform for `spec.dtype`), summed over the `tensor_parallel_size` ranks (each holds its own shard plus the
     parts every rank needs). Built on the request check's cached load (the same key: one read of the files per
     process and file version), so labelling a request or a scrape costs a lookup."""
-    if execution_mode_is_native():
-        native = load_for_native(path, spec, tensor_parallel_size)
-        a = native.adapter
-        dtype = worker_dtype or _worker_dtype(spec, a.family)
-        element, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
-        entries = native.all_ranks_slot_params
-        return AdapterFacts(a.family, a.rank, native.params, native.nbytes, entries * element, name,
-                            tensor_parallel_size)
-    c = check_for_convert(path, spec)
-    dtype = worker_dtype or _worker_dtype(spec)
+    loaded = load_for_mode(path, spec, tensor_parallel_size)
+    dtype = worker_dtype or _worker_dtype(spec, loaded.family)
     element, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
-    # vLLM (fully_sharded_loras off, its default) keeps lora_A whole on every rank of a column-parallel layer and
-    # shards lora_B; a row-parallel layer (o_proj, down_proj) the other way round. Every module is served at the
-    # adapter's largest rank (lower ranks zero-padded).
-    entries = 0
-    for module, fan_in, fan_out in c.shapes:
-        a, b = c.rank * fan_in, fan_out * c.rank
-        replicated_a = module not in ("o_proj", "down_proj")
-        entries += a * (tensor_parallel_size if replicated_a else 1) + b * (1 if replicated_a else tensor_parallel_size)
-    return AdapterFacts(c.family, c.rank, c.params, c.nbytes, entries * element, name, tensor_parallel_size)
+    return AdapterFacts(loaded.family, loaded.rank, loaded.params, loaded.nbytes,
+                        loaded.worker_entries(tensor_parallel_size) * element, name, tensor_parallel_size)
 
 
 def convert_for_vllm(path, spec: ModelSpec, max_rank: int | None = None) -> ConvertedAdapter:
@@ -257,6 +271,19 @@ class ConvertCheck:
     params: int  # the adapter's own parameters
     nbytes: int  # bytes of its own factors
     shapes: tuple[tuple[str, int, int], ...]  # (module, in, out) of every module the LoRA form adapts
+
+    def worker_entries(self, tensor_parallel_size: int) -> int:
+        """Entries of vLLM's LoRA tensors for it, all tensor-parallel ranks together. vLLM (fully_sharded_loras off,
+        its default) keeps lora_A whole on every rank of a column-parallel layer and shards lora_B; a row-parallel
+        layer (o_proj, down_proj) the other way round. Every module is served at the adapter's largest rank (lower
+        ranks zero-padded)."""
+        entries = 0
+        for module, fan_in, fan_out in self.shapes:
+            a, b = self.rank * fan_in, fan_out * self.rank
+            replicated_a = module not in ("o_proj", "down_proj")
+            entries += (a * (tensor_parallel_size if replicated_a else 1)
+                        + b * (1 if replicated_a else tensor_parallel_size))
+        return entries
 
 
 def check_for_convert(path, spec: ModelSpec, max_rank: int | None = None) -> ConvertCheck:

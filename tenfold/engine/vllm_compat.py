@@ -1,40 +1,57 @@
 """Every change tenfold makes to vLLM, in one place, guarded by the vLLM version it was written against.
 
-Patches (all idempotent, applied by `apply()` in every vLLM process through the plugin entry point):
-1. Worker loading: `WorkerLoRAManager._load_adapter` reads any tenfold-readable directory and validates it against
-   the served model; native mode keeps the family object (every family), convert mode converts it to LoRA tensors
-   in memory (exactly-low-rank families only).
-2. Front-end validation: `InputProcessor._validate_lora` runs the same checks before a request is queued (in
-   convert mode without converting: the front end keeps only what the check needs), so a bad or missing adapter
-   fails that request with a clear error instead of crashing the engine core mid-step; the OpenAI server's
-   `/v1/load_lora_adapter` check does too, off the event loop, answering 400 (unusable adapter), 413 (over the size
-   limit) or 404 (no such path) instead of a 500 from the worker.
-3. CPU LoRA ops: vLLM 0.32's torch ops gather slot index -1 ("no adapter") as the last slot, which applies an
-   adapter to base-model rows batched with adapter rows; the replacements (`kernels/lora_cpu_ops.py`) zero those
-   rows.
-4. Prefix caching: block hashes of adapter requests also carry the fingerprint of the adapter version the request
-   was admitted with, so a rewritten adapter never reuses KV computed with its previous weights.
-5. Worker cache: an adapter already resident is activated without vLLM's per-call cache copies; a step's adapters
-   are kept one per engine id (vLLM's set of LoRARequests compares by name and lost one of two versions in flight).
-6. Unloading: `/v1/unload_lora_adapter` also removes the adapter from the engine (vLLM 0.32 only forgets the name);
-   the engine client frees it once its requests in flight have finished (9).
-8. Native execution (TENFOLD_MODE=native, the default): tenfold's wrappers (`layers.py`) are prepended to
-   `_all_lora_classes`; the model manager skips the embedding and logits wrappers (no family adapts them, and their
-   per-slot buffers are dense), creates the native state beside the punica wrapper, registers native adapters
-   without LoRA packing, and mirrors slot activation, eviction and mapping changes into the slot store.
-7. (Instrumentation wraps an engine client instance, not a vLLM class: `server/instrument.py`.)
-9. Adapter lifecycle: `AsyncLLM` and `LLMEngine` admit adapter requests through `versions.AdapterVersions` (an
-   immutable snapshot and an engine id per adapter version, freed when unloaded and idle), and vLLM's OpenAI
-   front end resolves a name again from the adapter root when an unload raced its lookup.
-10. Compilation: vLLM's CPU platform turns its inductor compilation off whenever LoRA is enabled; in native mode it
-   stays on (the wrappers keep each step's adapters out of the traced graph, `compiled_ops.py`). On other devices
-   native mode refuses to start without --enforce-eager (CUDA graphs are not supported yet). Convert mode keeps
-   vLLM's behaviour.
-11. Residency and pins: every worker keeps a `residency.ResidencyLedger` of which adapter (by name) sits in a device
-   slot or the host cache, updated after each step's activations, each load and each unload, and applies pins by
-   name (in the host cache) to every version of a pinned adapter as it arrives; `tenfold_residency` and `tenfold_pin`
-   are worker methods the server calls through `collective_rpc` (vLLM 0.32 pins by engine id only, in both tiers, and
+`apply()` runs every patch once per process (each vLLM process, through the plugin entry point). Each patch installs
+its replacements with `_replace` (refusing a vLLM that lacks the symbol) or `_add` (tenfold's own worker methods),
+which record them in `REPLACED`; a test checks that every recorded symbol is named below. Patches, and the vLLM 0.32
+symbols each one replaces:
+
+1. Worker loading (`WorkerLoRAManager.__init__`, `WorkerLoRAManager._load_adapter`): reads any tenfold-readable
+   directory through `loader.load_for_mode` and validates it against the served model; native mode keeps the family
+   object (every family), convert mode converts it to LoRA tensors in memory (exactly-low-rank families only). The
+   worker's own state is one `worker_state.WorkerState`.
+2. Front-end validation (`InputProcessor._validate_lora`; adds `InputProcessor._tenfold_check_path` and
+   `_tenfold_check_adapter`): the same checks before a request is queued (in convert mode without converting), so a
+   bad or missing adapter fails that request with a clear error instead of crashing the engine core mid-step; the
+   OpenAI server's load check (`OpenAIServingModels._check_load_lora_adapter_request`) runs them too, off the event
+   loop, answering 400 (unusable adapter), 413 (over the size limit) or 404 (no such path) instead of a 500.
+3. CPU LoRA ops (`bgmv_shrink`, `bgmv_expand`, `bgmv_expand_slice` in `lora.ops.torch_ops.lora_ops`, and the same
+   names imported into `torch_ops` and `punica_cpu`): vLLM 0.32's ops gather slot index -1 ("no adapter") as the last
+   slot, which applies an adapter to base-model rows batched with adapter rows; the replacements
+   (`kernels/lora_cpu_ops.py`) zero those rows.
+4. Prefix caching (`kv_cache_utils._gen_lora_extra_hash_keys`): block hashes of adapter requests also carry the
+   fingerprint of the adapter version the request was admitted with, so a rewritten adapter never reuses KV computed
+   with its previous weights.
+5. Worker cache (`LRUCacheWorkerLoRAManager.add_adapter`, `LRUCacheWorkerLoRAManager._apply_adapters`,
+   `InputBatch.make_lora_inputs`, `LoraState.get_activate_loras`): an adapter already resident is activated without
+   vLLM's per-call cache copies; a step's adapters are kept one per engine id (vLLM's set of LoRARequests compares by
+   name and lost one of two versions in flight), and the native slot store never evicts them during the step.
+6. Unloading (`OpenAIServingModels.unload_lora_adapter`, `OpenAIServingModels.__init__`): the unload endpoint also
+   removes the adapter from the engine (vLLM 0.32 only forgets the name); the engine client frees it once its
+   requests in flight have finished (7).
+7. Adapter lifecycle (`AsyncLLM` and `LLMEngine`: `add_request`, `add_lora`, `remove_lora`, `list_loras`;
+   `OutputProcessor`: `add_request`, `_finish_request`, `abort_requests`; `BaseServing._maybe_get_adapters`): engine
+   clients admit adapter requests through `versions.AdapterVersions` (an immutable snapshot and an engine id per
+   adapter version, freed when unloaded and idle), and vLLM's OpenAI front end resolves a name again from the adapter
+   root when an unload raced its lookup.
+8. Native execution (TENFOLD_MODE=native, the default; `lora.utils._all_lora_classes`,
+   `model_manager.is_supported_lora_module`, and in `LoRAModelManager`: `_create_lora_modules`, `_add_adapter`,
+   `activate_adapter`, `_deactivate_adapter`, `remove_all_adapters`, `_set_adapter_mapping`, `create_dummy_lora`):
+   tenfold's wrappers (`layers.py`) come first among vLLM's LoRA layer classes; the model manager skips the
+   embedding and logits wrappers (no family adapts them, and their per-slot buffers are dense), creates the native
+   state beside the punica wrapper, registers native adapters without LoRA packing, and mirrors slot activation,
+   eviction and mapping changes into the slot store.
+9. Compilation (`CpuPlatform.check_and_update_config`, the current platform's class): vLLM's CPU platform turns its
+   inductor compilation off whenever LoRA is enabled; in native mode it stays on (the wrappers keep each step's
+   adapters out of the traced graph, `compiled_ops.py`). On other devices native mode refuses to start without
+   --enforce-eager (CUDA graphs are not supported yet). Convert mode keeps vLLM's behaviour.
+10. Residency and pins (`WorkerLoRAManager.remove_adapter`, and `add_adapter` and `_apply_adapters` again; adds
+   `WorkerBase.tenfold_residency` and `WorkerBase.tenfold_pin`, which the server calls through `collective_rpc`):
+   every worker keeps a `residency.ResidencyLedger` of which adapter (by name) sits in a device slot or the host
+   cache, updated after each step's activations, each load and each unload, and applies pins by name (in the host
+   cache) to every version of a pinned adapter as it arrives (vLLM 0.32 pins by engine id only, in both tiers, and
    cannot unpin).
+
+The engine client's metric hooks wrap an instance, not a vLLM class: `server/instrument.py`.
 """
 
 from __future__ import annotations
@@ -46,6 +63,7 @@ import torch
 SUPPORTED_VLLM_VERSION = "0.32.0"
 logger = logging.getLogger("tenfold")
 _applied = False
+REPLACED: dict[str, str] = {}  # every vLLM symbol the patches replaced (or added), dotted path -> "replaced" | "added"
 
 
 class UnsupportedVLLMVersion(RuntimeError):
@@ -82,6 +100,29 @@ def apply() -> None:
     logger.debug("tenfold: vLLM %s patched", SUPPORTED_VLLM_VERSION)
 
 
+def _symbol(owner, name: str) -> str:
+    if isinstance(owner, type):
+        return f"{owner.__module__}.{owner.__qualname__}.{name}"
+    return f"{owner.__name__}.{name}"
+
+
+def _replace(owner, name: str, new) -> None:
+    """Replace vLLM's `owner.name` (a class or a module attribute), recorded in REPLACED; a vLLM without it is not
+    the vLLM these patches were written against, and is refused by name."""
+    symbol = _symbol(owner, name)
+    if not hasattr(owner, name):
+        raise UnsupportedVLLMVersion(f"tenfold patches {symbol}, which this vLLM does not have: tenfold supports "
+                                     f"vLLM {SUPPORTED_VLLM_VERSION} only")
+    REPLACED.setdefault(symbol, "replaced")
+    setattr(owner, name, new)
+
+
+def _add(owner, name: str, new) -> None:
+    """Give a vLLM class a method of tenfold's own (vLLM calls none of them), recorded in REPLACED."""
+    REPLACED.setdefault(_symbol(owner, name), "added")
+    setattr(owner, name, new)
+
+
 def served_spec(hf_config):
     """The served model's shapes, from its HF config (vllm_config.model_config.hf_config or model.config)."""
     from ..adapters import ModelSpec
@@ -97,26 +138,27 @@ def _patch_worker_loading() -> None:
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
     from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
-    from .loader import convert_for_vllm, load_for_native
-    from .mode import execution_mode
+    from .loader import NativeAdapter, load_for_mode
     from .native_model import NativeLoRAModel
+    from .worker_state import WorkerState
 
     original_init = WorkerLoRAManager.__init__
 
     def __init__(self, vllm_config, *args, **kwargs):
         original_init(self, vllm_config, *args, **kwargs)
-        self._tenfold_spec = served_spec(vllm_config.model_config.hf_config)
-        self._tenfold_tp = vllm_config.parallel_config.tensor_parallel_size
+        self._tenfold = WorkerState(served_spec(vllm_config.model_config.hf_config),
+                                    vllm_config.parallel_config.tensor_parallel_size)
 
     def _load_adapter(self, lora_request):
         path = get_adapter_absolute_path(lora_request.lora_path)
         try:
-            if execution_mode() == "native":
-                native = load_for_native(path, self._tenfold_spec, self._tenfold_tp)
-                return NativeLoRAModel(lora_request.lora_int_id, native.adapter)
-            converted = convert_for_vllm(path, self._tenfold_spec, self.lora_config.max_lora_rank)
+            loaded = load_for_mode(path, self._tenfold.spec, self._tenfold.tensor_parallel_size,
+                                   max_rank=self.lora_config.max_lora_rank, tensors=True)
         except FileNotFoundError as e:
             raise LoRAAdapterNotFoundError(lora_request.lora_name, lora_request.lora_path) from e
+        if isinstance(loaded, NativeAdapter):
+            return NativeLoRAModel(lora_request.lora_int_id, loaded.adapter)
+        converted = loaded
         peft_helper = PEFTHelper.from_dict({**converted.peft_config,
                                             "vllm_max_position_embeddings": self.max_position_embeddings})
         peft_helper.validate_legal(self.lora_config)
@@ -157,10 +199,10 @@ def _patch_worker_loading() -> None:
         finally:
             native.step_adapters = frozenset()
 
-    WorkerLoRAManager.__init__ = __init__
-    WorkerLoRAManager._load_adapter = _load_adapter
-    LRUCacheWorkerLoRAManager.add_adapter = add_adapter
-    LRUCacheWorkerLoRAManager._apply_adapters = _apply_adapters
+    _replace(WorkerLoRAManager, "__init__", __init__)
+    _replace(WorkerLoRAManager, "_load_adapter", _load_adapter)
+    _replace(LRUCacheWorkerLoRAManager, "add_adapter", add_adapter)
+    _replace(LRUCacheWorkerLoRAManager, "_apply_adapters", _apply_adapters)
     _patch_active_adapters_by_id()
 
 
@@ -185,8 +227,8 @@ def _patch_active_adapters_by_id() -> None:
                 by_id[lora_request.lora_int_id] = lora_request
         return list(by_id.values())
 
-    InputBatch.make_lora_inputs = make_lora_inputs
-    LoraState.get_activate_loras = get_activate_loras
+    _replace(InputBatch, "make_lora_inputs", make_lora_inputs)
+    _replace(LoraState, "get_activate_loras", get_activate_loras)
 
 
 # --- 2: front-end validation ---------------------------------------------------------------------------------------
@@ -196,8 +238,7 @@ def _patch_request_validation() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
     from ..adapters import AdapterError
-    from .loader import check_for_convert, load_for_native, require_fits_budget
-    from .mode import execution_mode
+    from .loader import load_for_mode
 
     original = InputProcessor._validate_lora
 
@@ -205,12 +246,8 @@ def _patch_request_validation() -> None:
         """Load (and in convert mode convert) in this process, cached; raises AdapterError or FileNotFoundError."""
         if not hasattr(self, "_tenfold_spec"):
             self._tenfold_spec = served_spec(self.vllm_config.model_config.hf_config)
-        if execution_mode() == "native":
-            native = load_for_native(path, self._tenfold_spec, self.vllm_config.parallel_config.tensor_parallel_size)
-            require_fits_budget(path, native, self._tenfold_spec, self.lora_config.max_loras,
-                                self.lora_config.max_lora_rank)
-        else:
-            check_for_convert(path, self._tenfold_spec, self.lora_config.max_lora_rank)
+        load_for_mode(path, self._tenfold_spec, self.vllm_config.parallel_config.tensor_parallel_size,
+                      max_rank=self.lora_config.max_lora_rank, budget_slots=self.lora_config.max_loras)
 
     def check_adapter(self, lora_request) -> None:
         self._tenfold_check_path(get_adapter_absolute_path(lora_request.lora_path))
@@ -225,9 +262,9 @@ def _patch_request_validation() -> None:
             raise VLLMValidationError(f"adapter {lora_request.lora_name!r} cannot be served: {e}",
                                       parameter="lora_request", value=lora_request.lora_name) from None
 
-    InputProcessor._tenfold_check_path = check_path
-    InputProcessor._tenfold_check_adapter = check_adapter
-    InputProcessor._validate_lora = _validate_lora
+    _add(InputProcessor, "_tenfold_check_path", check_path)
+    _add(InputProcessor, "_tenfold_check_adapter", check_adapter)
+    _replace(InputProcessor, "_validate_lora", _validate_lora)
 
 
 def _patch_load_endpoint() -> None:
@@ -261,7 +298,45 @@ def _patch_load_endpoint() -> None:
                                          err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
         return None
 
-    OpenAIServingModels._check_load_lora_adapter_request = _check_load_lora_adapter_request
+    _replace(OpenAIServingModels, "_check_load_lora_adapter_request", _check_load_lora_adapter_request)
+
+
+# --- 3: CPU LoRA ops -----------------------------------------------------------------------------------------------
+def _patch_cpu_lora_ops() -> None:
+    import vllm.lora.ops.torch_ops as package
+    import vllm.lora.ops.torch_ops.lora_ops as ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    from ..kernels.lora_cpu_ops import bgmv_expand, bgmv_expand_slice, bgmv_shrink
+
+    fixed = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
+    # sgmv_* call bgmv_* through the ops module's globals; punica_cpu and the package imported the names directly.
+    for module in (ops, package, punica_cpu):
+        for name, fn in fixed.items():
+            if hasattr(module, name):
+                _replace(module, name, fn)
+
+
+# --- 4: prefix-cache keys ------------------------------------------------------------------------------------------
+def _patch_prefix_cache_keys() -> None:
+    import vllm.v1.core.kv_cache_utils as kv_cache_utils
+
+    from ..adapters.checkpoint import fingerprint
+
+    original = kv_cache_utils._gen_lora_extra_hash_keys
+
+    def _gen_lora_extra_hash_keys(request):
+        keys = original(request)
+        if request.lora_request:
+            # fixed per request at its first block: a request keeps the adapter version it started with
+            version = getattr(request, "_tenfold_adapter_version", None)
+            if version is None:
+                version = fingerprint(request.lora_request.lora_path)
+                request._tenfold_adapter_version = version
+            keys = [*keys, ("tenfold-adapter-version", version, "")]
+        return keys
+
+    _replace(kv_cache_utils, "_gen_lora_extra_hash_keys", _gen_lora_extra_hash_keys)
 
 
 # --- 6: real unload --------------------------------------------------------------------------------------------------
@@ -279,14 +354,14 @@ def _patch_unload_endpoint() -> None:
             await self.engine_client.remove_lora(removed.lora_int_id)  # frees the worker slot and host cache
         return result
 
-    OpenAIServingModels.unload_lora_adapter = unload_lora_adapter
+    _replace(OpenAIServingModels, "unload_lora_adapter", unload_lora_adapter)
     original_init = OpenAIServingModels.__init__
 
     def __init__(self, engine_client, *args, **kwargs):
         original_init(self, engine_client, *args, **kwargs)
         self.lora_requests = _NameRegistry(engine_client, self.lora_requests)
 
-    OpenAIServingModels.__init__ = __init__
+    _replace(OpenAIServingModels, "__init__", __init__)
 
 
 class _NameRegistry(dict):
@@ -318,7 +393,7 @@ class _NameRegistry(dict):
             task.add_done_callback(self._tasks.discard)
 
 
-# --- 9: adapter lifecycle under traffic -----------------------------------------------------------------------------
+# --- 7: adapter lifecycle under traffic -----------------------------------------------------------------------------
 def _patch_adapter_lifecycle() -> None:
     """Every engine client (AsyncLLM, LLMEngine) admits adapter requests through `versions.AdapterVersions`: a
     request runs on an immutable snapshot of the version it was admitted with, under an engine id of that version;
@@ -478,12 +553,17 @@ def _patch_adapter_lifecycle() -> None:
     original_sync_remove, original_sync_list = LLMEngine.remove_lora, LLMEngine.list_loras
     original_output_add, original_finish = OutputProcessor.add_request, OutputProcessor._finish_request
     original_abort = OutputProcessor.abort_requests
-    AsyncLLM.add_request, AsyncLLM.add_lora = async_add_request, async_add_lora
-    AsyncLLM.remove_lora, AsyncLLM.list_loras = async_remove_lora, async_list_loras
-    LLMEngine.add_request, LLMEngine.add_lora = sync_add_request, sync_add_lora
-    LLMEngine.remove_lora, LLMEngine.list_loras = sync_remove_lora, sync_list_loras
-    OutputProcessor.add_request, OutputProcessor._finish_request = add_request, _finish_request
-    OutputProcessor.abort_requests = abort_requests
+    _replace(AsyncLLM, "add_request", async_add_request)
+    _replace(AsyncLLM, "add_lora", async_add_lora)
+    _replace(AsyncLLM, "remove_lora", async_remove_lora)
+    _replace(AsyncLLM, "list_loras", async_list_loras)
+    _replace(LLMEngine, "add_request", sync_add_request)
+    _replace(LLMEngine, "add_lora", sync_add_lora)
+    _replace(LLMEngine, "remove_lora", sync_remove_lora)
+    _replace(LLMEngine, "list_loras", sync_list_loras)
+    _replace(OutputProcessor, "add_request", add_request)
+    _replace(OutputProcessor, "_finish_request", _finish_request)
+    _replace(OutputProcessor, "abort_requests", abort_requests)
     _patch_resolution_race(VLLMNotFoundError)
 
 
@@ -526,84 +606,7 @@ def _patch_resolution_race(not_found) -> None:
                 models.lora_requests[request.model] = lora
             return lora
 
-    BaseServing._maybe_get_adapters = _maybe_get_adapters
-
-
-# --- 10: compiled native path -----------------------------------------------------------------------------------------
-class NativeModeNeedsEagerError(ValueError):
-    pass
-
-
-def native_compilation(vllm_config, requested, on_cpu: bool, device_name: str) -> None:
-    """Native mode's compilation settings, after the platform's own: compiled on CPU as vLLM compiles the model
-    without LoRA; elsewhere refused unless eager (graph capture would record one step's host-built plan and replay
-    it for every later batch)."""
-    from vllm.config import CompilationMode
-
-    compilation = vllm_config.compilation_config
-    if on_cpu:
-        if requested == CompilationMode.VLLM_COMPILE and compilation.mode == CompilationMode.NONE:
-            compilation.mode = CompilationMode.DYNAMO_TRACE_ONCE  # the inductor settings were applied before
-            logger.info("tenfold: native mode keeps vLLM's CPU compilation on with LoRA enabled")
-    elif not vllm_config.model_config.enforce_eager:
-        raise NativeModeNeedsEagerError(
-            f"tenfold's native mode does not run under {device_name} graph capture yet: serve with --enforce-eager "
-            "(enforce_eager=True), or use TENFOLD_MODE=convert (vLLM's LoRA kernels)")
-
-
-def _patch_compilation() -> None:
-    from vllm.platforms import current_platform
-
-    from .mode import execution_mode
-
-    platform = type(current_platform)
-    original = platform.check_and_update_config.__func__
-
-    def check_and_update_config(cls, vllm_config) -> None:
-        requested = vllm_config.compilation_config.mode  # VLLM_COMPILE unless the user asked for eager execution
-        original(cls, vllm_config)
-        if execution_mode() == "native" and vllm_config.lora_config is not None:
-            native_compilation(vllm_config, requested, current_platform.is_cpu(), current_platform.device_name)
-
-    platform.check_and_update_config = classmethod(check_and_update_config)
-
-
-# --- 3: CPU LoRA ops -----------------------------------------------------------------------------------------------
-def _patch_cpu_lora_ops() -> None:
-    import vllm.lora.ops.torch_ops as package
-    import vllm.lora.ops.torch_ops.lora_ops as ops
-    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
-
-    from ..kernels.lora_cpu_ops import bgmv_expand, bgmv_expand_slice, bgmv_shrink
-
-    fixed = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
-    # sgmv_* call bgmv_* through the ops module's globals; punica_cpu and the package imported the names directly.
-    for module in (ops, package, punica_cpu):
-        for name, fn in fixed.items():
-            if hasattr(module, name):
-                setattr(module, name, fn)
-
-
-# --- 4: prefix-cache keys ------------------------------------------------------------------------------------------
-def _patch_prefix_cache_keys() -> None:
-    import vllm.v1.core.kv_cache_utils as kv_cache_utils
-
-    from ..adapters.checkpoint import fingerprint
-
-    original = kv_cache_utils._gen_lora_extra_hash_keys
-
-    def _gen_lora_extra_hash_keys(request):
-        keys = original(request)
-        if request.lora_request:
-            # fixed per request at its first block: a request keeps the adapter version it started with
-            version = getattr(request, "_tenfold_adapter_version", None)
-            if version is None:
-                version = fingerprint(request.lora_request.lora_path)
-                request._tenfold_adapter_version = version
-            keys = [*keys, ("tenfold-adapter-version", version, "")]
-        return keys
-
-    kv_cache_utils._gen_lora_extra_hash_keys = _gen_lora_extra_hash_keys
+    _replace(BaseServing, "_maybe_get_adapters", _maybe_get_adapters)
 
 
 # --- 8: native execution --------------------------------------------------------------------------------------------
@@ -622,7 +625,7 @@ def _patch_native_execution() -> None:
     from .slots import SlotStore
 
     if NATIVE_LAYER_CLASSES[0] not in lora_utils._all_lora_classes:
-        lora_utils._all_lora_classes = (*NATIVE_LAYER_CLASSES, *lora_utils._all_lora_classes)
+        _replace(lora_utils, "_all_lora_classes", (*NATIVE_LAYER_CLASSES, *lora_utils._all_lora_classes))
 
     original_supported = model_manager.is_supported_lora_module
 
@@ -631,7 +634,7 @@ def _patch_native_execution() -> None:
             return False  # embed_tokens, lm_head: no tenfold family adapts them
         return original_supported(module_name, module, supported_lora_modules)
 
-    model_manager.is_supported_lora_module = is_supported_lora_module
+    _replace(model_manager, "is_supported_lora_module", is_supported_lora_module)
     manager = model_manager.LoRAModelManager
     original_create_modules = manager._create_lora_modules
 
@@ -743,31 +746,72 @@ def _patch_native_execution() -> None:
     original_add, original_activate = manager._add_adapter, manager.activate_adapter
     original_deactivate, original_remove_all = manager._deactivate_adapter, manager.remove_all_adapters
     original_set_mapping, original_dummy = manager._set_adapter_mapping, manager.create_dummy_lora
-    manager._create_lora_modules = _create_lora_modules
-    manager._add_adapter = _add_adapter
-    manager.activate_adapter = activate_adapter
-    manager._deactivate_adapter = _deactivate_adapter
-    manager.remove_all_adapters = remove_all_adapters
-    manager._set_adapter_mapping = _set_adapter_mapping
-    manager.create_dummy_lora = create_dummy_lora
+    _replace(manager, "_create_lora_modules", _create_lora_modules)
+    _replace(manager, "_add_adapter", _add_adapter)
+    _replace(manager, "activate_adapter", activate_adapter)
+    _replace(manager, "_deactivate_adapter", _deactivate_adapter)
+    _replace(manager, "remove_all_adapters", remove_all_adapters)
+    _replace(manager, "_set_adapter_mapping", _set_adapter_mapping)
+    _replace(manager, "create_dummy_lora", create_dummy_lora)
 
 
-# --- 11: residency ledger and pins in every worker ------------------------------------------------------------------
+def _kernel_families() -> str:
+    """The families whose tables tenfold's CPU kernels read in the model's dtype, for the start-up log."""
+    from .buckets import BUCKETS
+
+    families = sorted(f for f, bucket in BUCKETS.items() if bucket.has_cpu_kernels)
+    return "every family's" if len(families) == len(BUCKETS) else ", ".join(families)
+
+
+# --- 9: compiled native path -----------------------------------------------------------------------------------------
+class NativeModeNeedsEagerError(ValueError):
+    pass
+
+
+def native_compilation(vllm_config, requested, on_cpu: bool, device_name: str) -> None:
+    """Native mode's compilation settings, after the platform's own: compiled on CPU as vLLM compiles the model
+    without LoRA; elsewhere refused unless eager (graph capture would record one step's host-built plan and replay
+    it for every later batch)."""
+    from vllm.config import CompilationMode
+
+    compilation = vllm_config.compilation_config
+    if on_cpu:
+        if requested == CompilationMode.VLLM_COMPILE and compilation.mode == CompilationMode.NONE:
+            compilation.mode = CompilationMode.DYNAMO_TRACE_ONCE  # the inductor settings were applied before
+            logger.info("tenfold: native mode keeps vLLM's CPU compilation on with LoRA enabled")
+    elif not vllm_config.model_config.enforce_eager:
+        raise NativeModeNeedsEagerError(
+            f"tenfold's native mode does not run under {device_name} graph capture yet: serve with --enforce-eager "
+            "(enforce_eager=True), or use TENFOLD_MODE=convert (vLLM's LoRA kernels)")
+
+
+def _patch_compilation() -> None:
+    from vllm.platforms import current_platform
+
+    from .mode import execution_mode
+
+    platform = type(current_platform)
+    original = platform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        requested = vllm_config.compilation_config.mode  # VLLM_COMPILE unless the user asked for eager execution
+        original(cls, vllm_config)
+        if execution_mode() == "native" and vllm_config.lora_config is not None:
+            native_compilation(vllm_config, requested, current_platform.is_cpu(), current_platform.device_name)
+
+    _replace(platform, "check_and_update_config", classmethod(check_and_update_config))
+
+
+# --- 10: residency ledger and pins in every worker ------------------------------------------------------------------
 def _patch_residency() -> None:
     from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager, WorkerLoRAManager
     from vllm.v1.worker.worker_base import WorkerBase
 
-    from .residency import PinError, ResidencyLedger, pin_capacity
-
-    def ledger(manager) -> ResidencyLedger:
-        book = manager.__dict__.get("_tenfold_residency")
-        if book is None:
-            book = manager._tenfold_residency = ResidencyLedger()
-        return book
+    from .residency import PinError, pin_capacity
 
     def observe(manager) -> None:
         adapters = manager._adapter_manager
-        ledger(manager).observe(adapters._registered_adapters.cache.keys(), adapters._active_adapters.cache.keys())
+        manager._tenfold.ledger.observe(adapters._registered_adapters.cache.keys(), adapters._active_adapters.cache.keys())
 
     def pin_resident(manager, engine_ids) -> None:
         # the host cache only (not vLLM's pin_adapter, which also holds a device slot: residency.py says why)
@@ -786,25 +830,25 @@ def _patch_residency() -> None:
     original_remove = WorkerLoRAManager.remove_adapter
 
     def add_adapter(self, lora_request):
-        book = ledger(self)
+        book = self._tenfold.ledger
         book.named(lora_request.lora_int_id, lora_request.lora_name)
         loaded = patched_add(self, lora_request)
         if book.pinned_names and lora_request.lora_name in book.pinned_names:
             pin_resident(self, [lora_request.lora_int_id])  # a new version of a pinned name
-        if not self.__dict__.get("_tenfold_applying"):  # a step observes once, after all its adapters
+        if not self._tenfold.in_step:  # a step observes once, after all its adapters
             observe(self)
         return loaded
 
     def _apply_adapters(self, lora_requests):
-        self._tenfold_applying = True
+        self._tenfold.in_step = True
         try:
             return patched_apply(self, lora_requests)
         finally:
-            self._tenfold_applying = False
+            self._tenfold.in_step = False
             observe(self)
 
     def remove_adapter(self, adapter_id):
-        ledger(self).unloading([adapter_id])
+        self._tenfold.ledger.unloading([adapter_id])
         try:
             return original_remove(self, adapter_id)
         finally:
@@ -820,11 +864,11 @@ def _patch_residency() -> None:
         manager = lora_manager(self)
         observe(manager)
         adapters = manager._adapter_manager
-        return ledger(manager).snapshot(adapters.lora_slots, adapters.capacity)
+        return manager._tenfold.ledger.snapshot(adapters.lora_slots, adapters.capacity)
 
     def tenfold_pin(self, name: str, pinned: bool) -> dict:
         manager = lora_manager(self)
-        book, adapters = ledger(manager), manager._adapter_manager
+        book, adapters = manager._tenfold.ledger, manager._adapter_manager
         engine_ids = [i for i, n in book.names.items() if n == name]
         if pinned:
             if name not in book.pinned_names and len(book.pinned_names) >= pin_capacity(adapters.lora_slots,
@@ -838,16 +882,8 @@ def _patch_residency() -> None:
             unpin(manager, engine_ids)
         return tenfold_residency(self)
 
-    LRUCacheWorkerLoRAManager.add_adapter = add_adapter
-    LRUCacheWorkerLoRAManager._apply_adapters = _apply_adapters
-    WorkerLoRAManager.remove_adapter = remove_adapter
-    WorkerBase.tenfold_residency = tenfold_residency
-    WorkerBase.tenfold_pin = tenfold_pin
-
-
-def _kernel_families() -> str:
-    """The families whose tables tenfold's CPU kernels read in the model's dtype, for the start-up log."""
-    from .buckets import BUCKETS
-
-    families = sorted(f for f, bucket in BUCKETS.items() if bucket.has_cpu_kernels)
-    return "every family's" if len(families) == len(BUCKETS) else ", ".join(families)
+    _replace(LRUCacheWorkerLoRAManager, "add_adapter", add_adapter)
+    _replace(LRUCacheWorkerLoRAManager, "_apply_adapters", _apply_adapters)
+    _replace(WorkerLoRAManager, "remove_adapter", remove_adapter)
+    _add(WorkerBase, "tenfold_residency", tenfold_residency)
+    _add(WorkerBase, "tenfold_pin", tenfold_pin)

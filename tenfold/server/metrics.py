@@ -83,23 +83,24 @@ class LoadTracker:
             LOAD_FAILURES.inc()
 
 
+def note_unload(lora_id: int) -> None:
+    UNLOADS.inc()
+
+
 class ResidencyTracker:
     """Reads the workers' residency ledger (`engine/residency.py`) at every /metrics scrape and exports it per adapter:
     the ledger is updated by the workers as adapters move, so the scrape sees the state at that moment and the
     cumulative tier entries and exits in between (an adapter loaded and evicted between two scrapes is counted)."""
 
-    def __init__(self, facts_of):
+    def __init__(self, admin, facts_of):
+        self.admin = admin  # the engine's AdapterAdmin: the workers' ledger and the registered names
         self.facts_of = facts_of  # path -> the engine's cached adapter_facts
-        self.admin = None  # set once the admin exists (it needs the app state the tracker's engine client feeds)
         self.snapshot: dict | None = None
         self.facts: dict[str, tuple[str, int, int]] = {}  # name -> (family, own bytes, worker bytes)
         for previous in _collectors:  # one exporter per process: the newest engine's
             REGISTRY.unregister(previous)
         REGISTRY.register(self)
         _collectors[:] = [self]
-
-    def note_unload(self, lora_id: int) -> None:
-        UNLOADS.inc()
 
     def _facts(self, name: str, lora) -> tuple[str, int, int] | None:
         if lora is not None:

@@ -130,15 +130,16 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int, pins: list[
     from vllm.entrypoints.launchers.app import build_app
     from vllm.entrypoints.launchers.launcher import serve_http, setup_server
 
+    from . import metrics
+
     listen_address, sock = setup_server(vllm_args, reuse_port=False)
     async with build_async_engine_client(vllm_args) as engine_client:
-        residency = _instrument(engine_client)
+        facts_of = _instrument(engine_client)
         tasks = await engine_client.get_supported_tasks()
         app = build_app(vllm_args, tasks, engine_client.model_config)
         await init_app_state(engine_client, app.state, vllm_args, tasks)
         admin = AdapterAdmin(app.state, settings)
-        residency.admin = admin
-        install(app, admin, residency)
+        install(app, admin, metrics.ResidencyTracker(admin, facts_of))
         for name in pins:
             try:
                 await admin.pin(name)
@@ -163,7 +164,8 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int, pins: list[
 
 
 def _instrument(engine_client):
-    """Hook tenfold's metrics into this engine client; returns the residency tracker for /metrics scrapes."""
+    """Hook tenfold's metrics into this engine client; returns the adapter facts it labels them with (path ->
+    `adapter_facts` for this engine's served model and tensor-parallel size)."""
     from vllm.sampling_params import RequestOutputKind
 
     from ..engine.loader import adapter_facts
@@ -174,11 +176,10 @@ def _instrument(engine_client):
     spec = served_spec(engine_client.vllm_config.model_config.hf_config)
     tensor_parallel_size = engine_client.vllm_config.parallel_config.tensor_parallel_size
     facts_of = functools.partial(adapter_facts, spec=spec, tensor_parallel_size=tensor_parallel_size)
-    residency = metrics.ResidencyTracker(facts_of)
     instrument_engine_client(
         engine_client,
         on_request=lambda lora, params: metrics.RequestTracker(lora, facts_of,
                                                                params.output_kind == RequestOutputKind.DELTA),
         on_load=lambda lora: metrics.LoadTracker(lora, facts_of),
-        on_unload=residency.note_unload)
-    return residency
+        on_unload=metrics.note_unload)
+    return facts_of
