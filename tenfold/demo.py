@@ -247,7 +247,7 @@ def run(args, passthrough: list[str]) -> int:
         return 0
 
     log_path = None if args.show_log else (workdir / "serve.log").resolve()
-    argv = [sys.executable, "-m", "tenfold.server.cli", "serve", str(base_dir), "--host", args.host,
+    argv = [sys.executable, "-m", "tenfold.cli", "serve", str(base_dir), "--host", args.host,
             "--port", str(args.port), "--grpc-port", str(args.grpc_port),
             *[f"--adapter={name}={path}" for name, path in adapter_dirs.items()],
             "--served-model-name", "base", "--max-model-len", "1024", "--dtype", SERVE_DTYPE, *passthrough]

@@ -57,6 +57,6 @@ def running_server(argv, port: int, log_path, env=None, startup_timeout=240):
 @contextmanager
 def tenfold_server(model_dir, log_path, *args, env=None):
     port = free_port()
-    argv = [sys.executable, "-m", "tenfold.server.cli", "serve", model_dir, "--port", port, *args, *ENGINE_ARGS]
+    argv = [sys.executable, "-m", "tenfold.cli", "serve", model_dir, "--port", port, *args, *ENGINE_ARGS]
     with running_server(argv, port, log_path, env) as running:
         yield running

@@ -140,7 +140,7 @@ def test_admission_reads_and_validates_off_the_event_loop(specs, tmp_path):
 
     from tenfold.engine import vllm_compat
 
-    vllm_compat.apply()
+    vllm_compat.install()
     save_adapter(make("lora", specs["mha"], seed=9), tmp_path / "slow")
 
     def slow_refusal(path):
@@ -184,7 +184,7 @@ def _engine_stand_in(validate, fail_loads: bool = False):
 
     from tenfold.engine import vllm_compat
 
-    vllm_compat.apply()
+    vllm_compat.install()
 
     class Core:
         added, removed = [], []

@@ -48,7 +48,7 @@ def test_bad_popularity_is_refused_with_the_expected_forms(text):
 def test_cli_refuses_bad_workloads_before_starting_anything():
     for argv, message in ((["--arrival", "poisson:-1"], "poisson:RATE"), (["--lengths"], "unrecognized"),
                           (["--output-len", "9-3"], "LO <= HI"), (["--modes", "native,fast"], "choose from")):
-        done = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "bench", *argv], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "tenfold.cli", "bench", *argv], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr, (argv, done.stderr[-400:])
 
@@ -58,7 +58,7 @@ def test_replica_bench_refuses_bad_routings_and_base_only_modes_and_reports_rati
 
     for argv, message in ((["--replicas", "2", "--routing", "affinity,sticky"], "comma list of single"),
                           (["--replicas", "2", "--modes", "base"], "must name native or convert")):
-        done = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "bench", *argv], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "tenfold.cli", "bench", *argv], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr, (argv, done.stderr[-400:])
     rows = [{"routing": routing, "replicas": replicas, "family": "lora", "num_adapters": 64,
@@ -89,7 +89,7 @@ def test_bench_model_names_a_directory_a_known_model_or_random(tmp_path, tiny_mo
 def run_bench(tmp_path, model_dir, *argv) -> dict:
     out = tmp_path / "out"
     env = {**os.environ, **CPU_ENV}
-    done = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "bench", "--model", str(model_dir),
+    done = subprocess.run([sys.executable, "-m", "tenfold.cli", "bench", "--model", str(model_dir),
                            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--prompt-len", "6-12",
                            "--output-len", "4", "--repeats", "1", *argv], capture_output=True, text=True,
                           timeout=900, env=env, cwd=REPO)
@@ -170,7 +170,7 @@ def test_bench_refuses_an_unusable_adapter_directory_before_starting_an_engine(t
     adapters.mkdir()
     if problem == "too-few":
         save_adapter(make("miss", specs["gqa"], seed=1), adapters / "only-one")
-    done = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "bench", "--model", str(tiny_model_dirs["gqa"]),
+    done = subprocess.run([sys.executable, "-m", "tenfold.cli", "bench", "--model", str(tiny_model_dirs["gqa"]),
                            "--adapter-dir", str(adapters), "--adapters", "2", "--out", str(tmp_path / "out"),
                            "--no-plots"], capture_output=True, text=True, timeout=300, env={**os.environ, **CPU_ENV})
     assert done.returncode != 0

@@ -1,6 +1,6 @@
 """The `tenfold` command line: inspect (text and --json) and convert, including its refusals and user errors.
 
-A few checks run the real command (`python -m tenfold.server.cli`: one interpreter start costs seconds, most of it
+A few checks run the real command (`python -m tenfold.cli`: one interpreter start costs seconds, most of it
 importing torch and transformers); the rest call `main([...])` in-process."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from adapter_cases import make
 from tenfold.adapters import save_adapter
 from tenfold.adapters.convert import convert_to_lora
-from tenfold.server.cli import main
+from tenfold.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def peft_dirs(saved, tiny_model_dirs, tmp_path_factory):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tenfold.server.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tenfold.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=120)
 
 

@@ -42,7 +42,7 @@ def cluster(tiny_model_dirs, specs, tmp_path_factory):
     (root / "broken" / "adapter_config.json").write_text("{")
     logs = tmp_path_factory.mktemp("cluster-logs")
     port, grpc_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "tenfold.server.cli", "serve", tiny_model_dirs["mha"], "--replicas", 2,
+    argv = [sys.executable, "-m", "tenfold.cli", "serve", tiny_model_dirs["mha"], "--replicas", 2,
             "--replica-cpus", 0.5, "--port", port, "--grpc-port", grpc_port, "--adapter-root", root, "--api-key", KEY,
             "--replica-log-dir", logs, *ENGINE_ARGS, "--max-cpu-loras", 4, "--max-loras", 2]
     with running_server(argv, port, logs / "cluster.log", startup_timeout=600) as running:

@@ -105,7 +105,7 @@ def test_demo_prints_answers_and_examples_once_ready_with_the_log_in_a_file(prep
     workdir, _, _, _ = prepared
     port = free_port()
     result = subprocess.run(
-        [sys.executable, "-m", "tenfold.server.cli", "demo", "--workdir", workdir, "--base", tiny_model_dirs["mha"],
+        [sys.executable, "-m", "tenfold.cli", "demo", "--workdir", workdir, "--base", tiny_model_dirs["mha"],
          "--steps", str(QUICK_STEPS), "--port", str(port), "--grpc-port", "0", "--once",
          # the tiny model in fp32 and eager: the quickest start (the real demo serves bf16)
          "--dtype", "float32", "--enforce-eager", "--max-model-len", "256"],

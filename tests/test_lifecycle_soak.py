@@ -126,7 +126,7 @@ def run_soak(env, mode):
     engine_args = list(ENGINE_ARGS)
     engine_args[engine_args.index("--max-loras") + 1] = "2"
     port, grpc_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "tenfold.server.cli", "serve", env["model_dir"], "--port", port, "--adapter-root",
+    argv = [sys.executable, "-m", "tenfold.cli", "serve", env["model_dir"], "--port", port, "--adapter-root",
             root, "--grpc-port", grpc_port, "--mode", mode, "--max-cpu-loras", 3, *engine_args]
     log = env["tmp"].mktemp("log") / f"soak-{mode}.log"
     with running_server(argv, port, log) as server:

@@ -50,7 +50,7 @@ def reference_forward(adapters_by_slot, slot_of_token, layer, modules, x, linear
             if adapter is None or (layer, m) not in adapter.targets:
                 parts.append(linears[m](x[t:t + 1]))
             else:
-                parts.append(adapter.apply((layer, m), x[t:t + 1], linears[m]))
+                parts.append(adapter.forward((layer, m), x[t:t + 1], linears[m]))
         rows.append(torch.cat(parts, -1))
     return torch.cat(rows)
 

@@ -24,7 +24,7 @@ def test_register_is_idempotent():
     plugin.register()
     patched = (WorkerLoRAManager._load_adapter, lora_ops.bgmv_shrink)
     plugin.register()
-    vllm_compat.apply()
+    vllm_compat.install()
     assert (WorkerLoRAManager._load_adapter, lora_ops.bgmv_shrink) == patched
     assert lora_ops.bgmv_shrink is lora_cpu_ops.bgmv_shrink
 

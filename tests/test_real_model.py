@@ -222,12 +222,12 @@ def test_cli_model_fetch_prints_the_directory_and_list_shows_it_fetched(smollm2_
     import sys
 
     cache = ["--cache-dir", str(CACHE / "models")]
-    fetched = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "model", "fetch", "smollm2", "--quiet",
+    fetched = subprocess.run([sys.executable, "-m", "tenfold.cli", "model", "fetch", "smollm2", "--quiet",
                               *cache], capture_output=True, text=True, timeout=300)
     assert fetched.returncode == 0 and fetched.stdout.strip() == str(smollm2_dir), fetched.stderr[-2000:]
-    listed = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "model", "list", *cache],
+    listed = subprocess.run([sys.executable, "-m", "tenfold.cli", "model", "list", *cache],
                             capture_output=True, text=True, timeout=300)
     assert listed.returncode == 0 and f"fetched: {smollm2_dir}" in listed.stdout, listed.stdout + listed.stderr
-    unknown = subprocess.run([sys.executable, "-m", "tenfold.server.cli", "model", "fetch", "llama-70b", *cache],
+    unknown = subprocess.run([sys.executable, "-m", "tenfold.cli", "model", "fetch", "llama-70b", *cache],
                              capture_output=True, text=True, timeout=300)
     assert unknown.returncode == 2 and "unknown model 'llama-70b': tenfold can fetch smollm2" in unknown.stderr

@@ -256,7 +256,7 @@ def check_family(adapters, modules, apply, seed, tokens=40):
     with torch.no_grad():
         for t, row in enumerate(rows.tolist()):
             if row >= 0:
-                want[t] = torch.cat([adapters[row].apply((LAYER, m), x[t:t + 1], linears[m]) for m in modules], 1)[0]
+                want[t] = torch.cat([adapters[row].forward((LAYER, m), x[t:t + 1], linears[m]) for m in modules], 1)[0]
     for ops in (reference, kernels):
         got = base.clone()
         apply(ops, x, seg, got, linears)

@@ -1,6 +1,6 @@
 """Attach an adapter to a HuggingFace transformers model (like PEFT's get_peft_model), for inference or training.
 
-Each targeted nn.Linear is swapped for an AdaptedLinear that calls the family's on-the-fly `apply`; `detach()`
+Each targeted nn.Linear is swapped for an AdaptedLinear that calls the family's on-the-fly `forward`; `detach()`
 puts the original modules back, leaving the model exactly as it was. The adapter's parameters stay in the adapter
 (train them with an optimizer over `adapter.parameters()`); the base weights are not touched.
 """
@@ -32,7 +32,7 @@ class AdaptedLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x):
-        return self.adapter.apply(self.key, x, self.base)
+        return self.adapter.forward(self.key, x, self.base)
 
     def extra_repr(self) -> str:
         return f"{self.adapter.family} at {key_name(self.key)}"

@@ -3,7 +3,7 @@
 A family implements the math once and everything else uses it:
 - `delta(key)`: the dense weight update of one (layer, module) — the reference, never used on hot paths;
 - `lora_factors(key)`: the exact LoRA form (A [r, in], B [out, r], scaling folded into B) where one exists;
-- `apply(key, x, base)`: the module's output with the adapter, computed from the factors on the fly; this is what
+- `forward(key, x, base)`: the module's output with the adapter, computed from the factors on the fly; this is what
   `attach` runs in a HuggingFace model, for inference and for training;
 - `validate(spec)`: shapes against a base model, beyond the generic finite/dtype checks done here.
 Tensor names are dotted (``layers.3.q_proj.lora_A``) in files and in `tensors()`; inside the ParameterDict the dots
@@ -84,7 +84,7 @@ class Adapter(nn.Module, ABC):
         """Dense weight update [out, in] of one module (reference only)."""
 
     @abstractmethod
-    def apply(self, key: ModuleKey, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    def forward(self, key: ModuleKey, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """Output of `base` on `x` with this adapter applied, without materializing a dense delta."""
 
     def lora_factors(self, key: ModuleKey) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +183,7 @@ class Adapter(nn.Module, ABC):
 
 
 class LowRankAdapter(Adapter):
-    """A family whose update is exactly B @ A per module: delta and the on-the-fly apply follow from lora_factors."""
+    """A family whose update is exactly B @ A per module: delta and the on-the-fly forward follow from lora_factors."""
 
     @abstractmethod
     def lora_factors(self, key: ModuleKey) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +193,6 @@ class LowRankAdapter(Adapter):
         a, b = self.lora_factors(key)
         return b @ a
 
-    def apply(self, key, x, base):
+    def forward(self, key, x, base):
         a, b = self.lora_factors(key)
         return base(x) + F.linear(F.linear(x.to(a.dtype), a), b).to(x.dtype)

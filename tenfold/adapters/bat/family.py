@@ -43,7 +43,7 @@ class Bat(PerModuleBlocks):
         delta = (w + eye) @ d[:, None]  # (W_ij + I) D_i
         return delta.permute(0, 2, 1, 3).reshape(base_weight.shape)
 
-    def apply(self, key, x, base):
+    def forward(self, key, x, base):
         d = self.block(key)
         r = self.rank
         w0 = base.weight.to(d.dtype)

@@ -60,7 +60,7 @@ class LoRA(LowRankAdapter):
         a, b = self.factors(key)
         return a, b * self.scaling(key)
 
-    def apply(self, key, x, base):
+    def forward(self, key, x, base):
         a, b = self.factors(key)
         return base(x) + F.linear(F.linear(x.to(a.dtype), a), b).to(x.dtype) * self.scaling(key)
 

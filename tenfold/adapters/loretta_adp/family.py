@@ -115,7 +115,7 @@ class LoRETTAAdp(Adapter):
         h = self._act(F.linear(z.to(w_down.dtype), w_down.t(), b_down))
         return (F.linear(h, w_up.t(), b_up) * scaling).to(z.dtype)
 
-    def apply(self, key, x, base):
+    def forward(self, key, x, base):
         if PLACEMENT[key[1]] == "pre":
             return base(x + self.adapter_output(key, x))
         y = base(x)
@@ -123,7 +123,7 @@ class LoRETTAAdp(Adapter):
 
     def delta(self, key, base_weight=None):
         raise NoExactLoRAError(f"loretta_adp is a nonlinear bottleneck adapter: it has no weight delta "
-                               f"({key_name(key)}); use apply() or serve it on tenfold's native path")
+                               f"({key_name(key)}); use forward() or serve it on tenfold's native path")
 
     def lora_factors(self, key):
         raise NoExactLoRAError("loretta_adp has no exact LoRA form: its bottleneck adapters are nonlinear (bias and "

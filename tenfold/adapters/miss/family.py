@@ -92,7 +92,7 @@ class MiSS(PerModuleBlocks, LowRankAdapter):
         d = self.expand_matrix(key, fan_out)
         return block_sum_matrix(self.rank, fan_in, d.dtype, d.device), d.t()
 
-    def apply(self, key, x, base):
+    def forward(self, key, x, base):
         y = base(x)
         d = self.expand_matrix(key, y.shape[-1])
         return y + (block_sum(x.to(d.dtype), self.rank) @ d).to(y.dtype)

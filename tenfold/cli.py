@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..adapters import AdapterError, ModelSpec, load_adapter
-from ..adapters.checkpoint import read_config
+from .adapters import AdapterError, ModelSpec, load_adapter
+from .adapters.checkpoint import read_config
 
 
 def _base_model(args, adapter_dir: Path) -> tuple[ModelSpec | None, str | None]:
@@ -41,7 +41,7 @@ def _load(args):
 
 
 def cmd_inspect(args) -> int:
-    from ..adapters.summary import format_summary, summarize
+    from .adapters.summary import format_summary, summarize
 
     directory, adapter, _ = _load(args)
     summary = summarize(adapter, directory)
@@ -50,7 +50,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from ..adapters.convert import convert_to_lora
+    from .adapters.convert import convert_to_lora
 
     directory, adapter, base = _load(args)
     if adapter.has_exact_lora and adapter.spec is None:
@@ -63,25 +63,29 @@ def cmd_convert(args) -> int:
 
 
 def cmd_serve(args, passthrough) -> int:
-    from .serve import run
+    if args.replicas:  # N engines on Ray Serve, each a `tenfold serve` process of its own
+        from .cluster.launch import run as run_cluster
+
+        return run_cluster(args, passthrough)
+    from .server.serve import run
 
     return run(args, passthrough)
 
 
 def cmd_bench(args) -> int:
-    from ..bench.runner import main
+    from .bench.runner import main
 
     return main(args)
 
 
 def cmd_demo(args, passthrough) -> int:
-    from ..demo import run
+    from .demo import run
 
     return run(args, passthrough)
 
 
 def cmd_model_fetch(args) -> int:
-    from ..model_zoo import ModelFetchError, fetch
+    from .model_zoo import ModelFetchError, fetch
 
     try:
         directory = fetch(args.name, args.cache_dir, progress=not args.quiet)
@@ -93,7 +97,7 @@ def cmd_model_fetch(args) -> int:
 
 
 def cmd_model_list(args) -> int:
-    from ..model_zoo import KNOWN_MODELS, cache_root, is_complete
+    from .model_zoo import KNOWN_MODELS, cache_root, is_complete
 
     for name, facts in KNOWN_MODELS.items():
         directory = cache_root(args.cache_dir) / facts["directory"]
@@ -125,14 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", choices=["lora"], required=True, help="target format")
     convert.set_defaults(run=cmd_convert)
 
-    from .serve import add_arguments
+    from .server.serve import add_arguments
 
     serve = commands.add_parser("serve", help="serve a base model and its adapters (OpenAI-compatible HTTP)",
                                 description="Arguments not listed here are passed to vLLM's engine and server.")
     add_arguments(serve)
     serve.set_defaults(run=cmd_serve, passthrough=True)
 
-    from ..bench.runner import add_arguments as add_bench_arguments
+    from .bench.runner import add_arguments as add_bench_arguments
 
     bench = commands.add_parser("bench", help="throughput and latency of N adapters per mode, beside the base model "
                                               "and vLLM's own LoRA path")
