@@ -217,7 +217,7 @@ def test_unload_frees_the_id_it_deleted_when_a_load_raced_it(specs, tmp_path):
     from vllm.entrypoints.openai.models.serving import OpenAIServingModels
     from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 
-    from tenfold.engine.vllm_compat import _NameRegistry
+    from tenfold.engine.patches.unload import _NameRegistry
 
     save_adapter(make("lora", specs["mha"], seed=11), tmp_path / "a")
     engine = _engine_stand_in(lambda path: load_adapter(path, specs["mha"]).validate(specs["mha"]))

@@ -29,6 +29,38 @@ ADMIN = {"Authorization": f"Bearer {KEY}"}
 CASES = {"heads": "lorta_heads_out", "blocks": "miss", "weighted": "bat", "train": "loretta_rep"}
 
 
+def test_an_evicted_adapter_is_unloaded_once_and_collected_without_a_stray_coroutine():
+    """Serve's multiplexer awaits a model's `__del__` on eviction (ray.serve.multiplex); the garbage collector later
+    calls the class's `__del__`, which must not create a coroutine that is never awaited."""
+    import asyncio
+    import gc
+    import inspect
+    import warnings
+
+    from tenfold.cluster.replica import ResidentAdapter
+
+    class Replica:
+        unloaded: list[str] = []
+
+        async def unload_evicted(self, name: str) -> None:
+            self.unloaded.append(name)
+
+    replica = Replica()
+
+    async def evict():  # what ray.serve.multiplex does with an evicted model
+        model = ResidentAdapter(replica, "z0")
+        assert hasattr(model, "__del__") and inspect.iscoroutinefunction(model.__del__)
+        await model.__del__()
+        model.__del__ = lambda _: None
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        asyncio.run(evict())
+        gc.collect()
+    assert replica.unloaded == ["z0"]
+    assert not [str(w.message) for w in seen if "never awaited" in str(w.message)]
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dirs, specs, tmp_path_factory):
     spec = specs["mha"]

@@ -125,7 +125,7 @@ def test_native_compilation_settings_per_device():
 
     from vllm.config import CompilationMode
 
-    from tenfold.engine.vllm_compat import NativeModeNeedsEagerError, native_compilation
+    from tenfold.engine.patches.compilation import NativeModeNeedsEagerError, native_compilation
 
     def config(mode, enforce_eager):
         return SimpleNamespace(compilation_config=SimpleNamespace(mode=mode),

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("vllm", reason="the plugin patches vllm")
 
 from tenfold.engine import plugin, vllm_compat  # noqa: E402
+from tenfold.engine.patches import Replacement  # noqa: E402
 from tenfold.kernels import lora_cpu_ops  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def test_a_vllm_without_a_patched_symbol_is_refused_by_name():
         pass
 
     with pytest.raises(vllm_compat.UnsupportedVLLMVersion, match=r"Upstream\._load_adapter, which this vLLM"):
-        vllm_compat._replace(Upstream, "_load_adapter", lambda self: None)
+        vllm_compat._install(Replacement(Upstream, "_load_adapter", lambda self: None))
 
 
 def test_unsupported_vllm_version_is_refused(monkeypatch):

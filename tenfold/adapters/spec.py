@@ -86,3 +86,9 @@ class ModelSpec:
         if not 0 <= layer < self.num_layers:
             raise AdapterMismatchError(
                 f"{context}: layer {layer} does not exist: the base model has {self.num_layers} layers (0..{self.num_layers - 1})")
+
+
+def served_spec(hf_config) -> ModelSpec:
+    """The served model's shapes, from its HF config as vLLM holds it (vllm_config.model_config.hf_config, or a
+    model's .config): the text decoder's config where the model has several."""
+    return ModelSpec.from_hf_config(hf_config.get_text_config())

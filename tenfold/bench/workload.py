@@ -249,6 +249,24 @@ def distinct_used(requests: list[dict]) -> int:
     return len({r["adapter"] for r in requests if r["adapter"] is not None})
 
 
+# CPU features that decide bf16 speed on CPU: emulated without AVX512-BF16, tile matmuls with AMX
+BF16_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model() -> dict:
+    """The CPU's model name and its bf16-relevant features, from /proc/cpuinfo (empty where there is none):
+    figures from machines without the same features are not comparable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last CPU's values; all cores agree
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name"), "cpu_features": [f for f in BF16_FEATURES if f in flags]}
+
+
 def machine_info() -> dict:
     import torch
 
@@ -257,6 +275,6 @@ def machine_info() -> dict:
     except ImportError:
         vllm_version = None
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            **cpu_model(), "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "vllm": vllm_version, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 

@@ -43,8 +43,11 @@ class ResidentAdapter:
 
     def __init__(self, replica: EngineReplicaBase, name: str):
         self.replica, self.name = replica, name
+        # Serve's multiplexer awaits a model's `__del__` when it evicts it. An instance attribute, not a method: the
+        # garbage collector calls the class's __del__, and an async one there makes a coroutine nobody awaits.
+        self.__del__ = self.unload
 
-    async def __del__(self):
+    async def unload(self) -> None:
         await self.replica.unload_evicted(self.name)
 
 

@@ -4,7 +4,7 @@ Two tiers: `device` (a slot the forward reads: vLLM's active adapters) and `host
 vLLM's registered adapters). The worker calls `observe` after every change it makes (a step's activations, a load,
 an unload, a pin), so an adapter loaded and evicted between two scrapes of /metrics is still counted: the ledger
 keeps cumulative entries and exits per adapter name and tier, and the server reads a `snapshot` at scrape time
-(`collective_rpc`, `vllm_compat._patch_residency`).
+(`collective_rpc`, `engine/patches/worker_residency.py`).
 
 Pins are by adapter name, not engine id: every version of a pinned name (a rewrite makes a new one) is pinned when it
 arrives, and an unpin releases them all. A pin holds an adapter in the host cache: it never has to be read from disk

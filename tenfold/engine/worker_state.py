@@ -1,6 +1,6 @@
 """What tenfold keeps beside one vLLM worker's LoRA manager, in one explicit object.
 
-The patched methods of vLLM's worker LoRA manager (`vllm_compat.py`: loading, the step's activations, residency)
+The patched methods of vLLM's worker LoRA manager (`patches/worker_loading.py`, `patches/worker_residency.py`)
 read and write this object, created with the manager, instead of attributes scattered over vLLM's objects. The
 model manager's side of a step (which adapters the step being prepared needs, so the slot store never evicts them)
 is `NativeState.step_adapters`, set from here for the duration of each step's activations.

@@ -1,6 +1,6 @@
 """vLLM's CPU LoRA ops (`vllm.lora.ops.torch_ops`, convert mode) as tenfold serves them: vLLM 0.32's gather slot index
 -1 ("no adapter") as the last slot, which applies an adapter to base-model rows batched with adapter rows; these zero
-those rows. `engine/vllm_compat.py` (patch 3) puts them in vLLM's place."""
+those rows. `engine/patches/cpu_lora_ops.py` (patch 3 of `engine/vllm_compat.py`) puts them in vLLM's place."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ class AdapterAdmin:
 
     async def describe(self, lora, residency: dict | None = None) -> dict:
         from ..engine.loader import adapter_facts
-        from ..engine.vllm_compat import served_spec
+        from ..adapters.spec import served_spec
 
         residency = residency or await self.residency()
         held = residency["adapters"].get(lora.lora_name, {})

@@ -166,7 +166,7 @@ def _instrument(engine_client):
     from vllm.sampling_params import RequestOutputKind
 
     from ..engine.loader import adapter_facts
-    from ..engine.vllm_compat import served_spec
+    from ..adapters.spec import served_spec
     from . import metrics
     from .instrument import instrument_engine_client
 

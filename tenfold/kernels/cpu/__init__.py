@@ -102,7 +102,8 @@ def build(namespace: str, flags: tuple[str, ...]):
     directory = cache_dir() / name
 
     def compile_into(private: Path) -> None:
-        _log.info("tenfold: building the CPU kernels for this machine into %s (once; a minute or two on a few cores)", directory)
+        _log.info("tenfold: building the CPU kernels for this machine into %s (once; a minute or two on a few "
+                  "cores)", directory)
         start = time.perf_counter()
         try:
             load(name, [str(path) for path in sources()], extra_cflags=[*flags, f"-DTENFOLD_CPU_OPS={namespace}"],
