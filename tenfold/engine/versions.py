@@ -139,6 +139,18 @@ class AdapterVersions:
         if error is not None:
             raise type(error)(str(error))
 
+    def refusal_of(self, source) -> Exception | None:
+        """Why the version now at `source` was refused, if it was (no read of the files)."""
+        from ..adapters.checkpoint import fingerprint
+
+        source = Path(source).resolve()
+        try:
+            version = fingerprint(source)
+        except OSError:
+            return None
+        with self._lock:
+            return self._refused.get((source, version))
+
     def _refuse(self, source: Path, version: str, error: Exception) -> None:
         with self._lock:
             self._refused[(source, version)] = error
