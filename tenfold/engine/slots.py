@@ -169,6 +169,12 @@ class SlotStore:
         return copy
 
     def release(self, slot: int) -> None:
+        """Empty `slot`; its row is cleared (`Bucket.release`). Under inference mode, like `assign`: vLLM releases
+        slots both inside a step and from an admin unload outside one."""
+        with torch.inference_mode():
+            self._release(slot)
+
+    def _release(self, slot: int) -> None:
         bucket_id = int(self.bucket_of_slot[slot])
         if bucket_id < 0:
             return
