@@ -9,6 +9,7 @@ import torch
 
 from adapter_cases import CASES, make
 from tenfold.engine.adapter_memory import ALIGNMENT, AdapterArena, AdapterMemoryError, parse_gib
+from tenfold.engine.buckets import BUCKETS
 from tenfold.engine.slots import SlotStore
 from test_native_ops import FUSED, frozen_layer, native_forward, reference_forward
 
@@ -172,3 +173,94 @@ def test_a_step_that_needs_more_than_the_budget_is_served_beyond_it_and_gives_it
     assert store.memory.used == reservation(spec, 2, lora), "the step's extra bucket lives outside the budget"
     store.release(1)
     assert len(store.buckets) == 1, "a bucket beyond the budget is given back as soon as it is idle"
+
+
+
+def bucket_bytes(store, slot):
+    return store.buckets[int(store.bucket_of_slot[slot])].packed.size
+
+
+def frozen_modules_of(adapter, spec):
+    """The (layer, module) pairs whose frozen weights the adapter's bucket reads."""
+    bucket_cls = BUCKETS[adapter.family]
+    return bucket_cls(bucket_cls.signature_of(adapter), spec, torch.float32, CPU).frozen_weights()
+
+
+def validated(spec, *cases_and_seeds):
+    adapters = [make(case, spec, seed=seed) for case, seed in cases_and_seeds]
+    for adapter in adapters:
+        adapter.validate(spec)
+    return adapters
+
+
+def test_what_a_step_places_beyond_the_budget_is_counted_and_given_back_with_its_frozen_copies(specs):
+    """Bat's bucket and the frozen-weight copies it reads, placed beyond the budget inside a step: every byte is in
+    the ledger (memory.beyond) until the bucket is idle, then the bucket and the copies no bucket reads go."""
+    spec = specs["mha"]
+    lora, bat = validated(spec, ("lora", 1), ("bat", 3))
+    store = SlotStore(spec, 2, torch.float32, CPU, memory_bytes=reservation(spec, 2, lora))
+    store.assign(0, lora)
+    store.assign(1, bat, make_room=lambda: False, in_step=True)
+    assert store.memory.used == reservation(spec, 2, lora), "nothing beyond the budget is taken from it"
+    tables = bucket_bytes(store, 1)
+    frozen = reservation(spec, 2, bat) - tables
+    assert frozen > 0 and store.memory.beyond == tables + frozen, "the bucket and its frozen copies, all counted"
+    assert store.memory.placed == store.memory.used + store.memory.beyond
+    check_exact(store, {0: lora, 1: bat}, spec, seed=12)
+    store.release(1)
+    assert store.memory.beyond == 0 and store.memory.beyond_total == tables + frozen and len(store.buckets) == 1
+    for layer, module in frozen_modules_of(bat, spec):  # given back with the bucket that read them
+        with pytest.raises(RuntimeError, match="no frozen-weight copy"):
+            store.frozen_weight(layer, module, lambda: None)
+
+
+def test_frozen_copies_within_the_budget_go_with_the_last_bucket_that_reads_them(specs):
+    spec = specs["mha"]
+    bat, miss = validated(spec, ("bat", 3), ("miss", 2))
+    store = SlotStore(spec, 2, torch.float32, CPU, memory_bytes=reservation(spec, 2, bat))
+    store.assign(0, bat)
+    store.release(0)  # bat's bucket idles, its frozen copies with it
+    assert store.memory.used == reservation(spec, 2, bat)
+    store.assign(0, miss)  # the idle bucket makes room, and the copies only it read go too
+    assert store.memory.used == reservation(spec, 2, miss) and store.memory.beyond == 0
+    check_exact(store, {0: miss}, spec, seed=13)
+
+
+def test_settle_moves_a_placement_beyond_the_budget_back_within_it_once_it_fits(specs):
+    spec = specs["mha"]
+    lora, miss = validated(spec, ("lora", 1), ("miss", 2))
+    store = SlotStore(spec, 2, torch.float32, CPU, memory_bytes=max(reservation(spec, 2, lora),
+                                                                    reservation(spec, 2, miss)))
+    store.assign(0, lora)
+    store.assign(1, miss, make_room=lambda: False, in_step=True)
+    store.settle(make_room=lambda: False, evict=lambda slot: False)  # both needed, no room: nothing moves
+    assert store.memory.beyond == bucket_bytes(store, 1)
+    check_exact(store, {0: lora, 1: miss}, spec, seed=14)
+
+    def make_room():  # the engine evicts the least recently used adapter the coming step does not need
+        if int(store.bucket_of_slot[0]) < 0:
+            return False
+        store.release(0)
+        return True
+
+    store.settle(make_room=make_room, evict=lambda slot: False)
+    assert store.memory.beyond == 0 and store.memory.used == reservation(spec, 2, miss), "moved within the budget"
+    check_exact(store, {1: miss}, spec, seed=15)
+
+
+def test_settle_gives_back_a_bucket_beyond_the_budget_that_the_coming_step_does_not_need(specs):
+    spec = specs["mha"]
+    lora, bat = validated(spec, ("lora", 1), ("bat", 3))
+    store = SlotStore(spec, 2, torch.float32, CPU, memory_bytes=reservation(spec, 2, lora))
+    store.assign(0, lora)
+    store.assign(1, bat, make_room=lambda: False, in_step=True)
+    evicted = []
+
+    def evict(slot):  # the engine deactivates the slot's adapter unless the coming step needs it
+        evicted.append(slot)
+        store.release(slot)
+        return True
+
+    store.settle(make_room=lambda: False, evict=evict)
+    assert evicted == [1] and store.memory.beyond == 0 and len(store.buckets) == 1
+    check_exact(store, {0: lora}, spec, seed=16)

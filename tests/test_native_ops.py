@@ -28,15 +28,19 @@ def frozen_layer(spec, modules, generator):
     return linears, slices, torch.cat([linears[m].weight for m in modules])
 
 
-def native_forward(store, slot_of_token, layer, modules, x, linears, slices, fused_weight):
-    """What a tenfold wrapper does in one step: the plan's buckets that adapt the layer, around the base GEMM."""
+def native_forward(store, slot_of_token, layer, modules, x, linears, slices, fused_weight, frozen_copies=False):
+    """What a tenfold wrapper does in one step: the plan's buckets that adapt the layer, around the base GEMM.
+    frozen_copies: the buckets read the frozen weights from the store's copies, as in the engine (the weights of a
+    (layer, module) must then stay the same across calls: a copy is filled once)."""
     plan = [(store.buckets[b], g) for b, g in plan_batch(slot_of_token, store.bucket_of_slot, store.row_of_slot)]
     plan = [(b, g) for b, g in plan if any(b.adapts(layer, m) for m in modules)]
     x_seen = x.clone()
-    weight_of = lambda m: fused_weight[slices[m]]  # noqa: E731
-    output = adapted_forward(plan, layer, slices, x, lambda inputs: inputs @ fused_weight.t(), torch.float32,
-                             weight_of)
-    add_output_updates(plan, layer, slices, output, None, torch.float32, weight_of)
+    if frozen_copies:
+        weight_of = lambda m: store.frozen_weight(layer, m, lambda: fused_weight[slices[m]])  # noqa: E731
+    else:
+        weight_of = lambda m: fused_weight[slices[m]]  # noqa: E731
+    output = adapted_forward(plan, layer, slices, x, lambda inputs: inputs @ fused_weight.t(), store.dtype, weight_of)
+    add_output_updates(plan, layer, slices, output, None, store.dtype, weight_of)
     assert torch.equal(x, x_seen), "the layer input must not be modified in place"
     return output
 
@@ -148,7 +152,7 @@ def test_tables_are_reserved_once_for_every_slot_and_rows_are_reused_lowest_firs
     row_bytes = bucket.bytes_per_row()
     assert row_bytes == sum(t.numel() * 4 for t in bucket.row_tensors(adapters[0]).values())
     assert row_bytes < 64 * 1024, "a LoRTA slot holds the adapter's factors: kilobytes"
-    assert store.table_bytes() == 1024 * row_bytes <= store.memory.used
+    assert store.table_bytes() == (1024 + 1) * row_bytes <= store.memory.used  # + the zero row (`Bucket.zero_row`)
     store.release(500)
     store.assign(42, adapters[2])
     assert int(store.row_of_slot[42]) == int(2), "the released row is reused first"

@@ -5,10 +5,10 @@ each family's own math; the device-side token grouping against a plain Python gr
 Run directly: TRITON_INTERPRET=1 python -m pytest tests/triton_kernel_cases.py
 
 Every case uses fresh seeded random inputs and an output pre-filled with random values: tokens whose row is -1 (and,
-when the output is a column slice of a wider buffer, the columns outside it) must keep their bits exactly. Token
-rows leave some table rows unused, give the groups uneven sizes and one row several tiles of tokens. The
-interpreter's tl.dot is wrong on bfloat16 (it multiplies the raw bits), so the 16-bit cases use float16, which takes
-the same code paths.
+when the output is a column slice of a wider buffer, the columns outside it) must keep their bits exactly, and a table
+row full of NaN and Inf must change no other row's tokens. Token rows leave some table rows unused, give the groups
+uneven sizes and one row several tiles of tokens. The interpreter's tl.dot is wrong on bfloat16 (it multiplies the raw
+bits), so the 16-bit cases use float16, which takes the same code paths.
 """
 
 from __future__ import annotations
@@ -215,6 +215,65 @@ def test_bat(block, dtype):
     d = randn(g, R, fan_out // block, block, block, scale=0.2, dtype=dtype)
     compare(lambda ops, out: ops.bat_apply(x, d, w0, seg, out), rows, fan_out, g, dtype, tolerance,
             slice_of_wider=True)
+
+
+# -- one table row full of NaN and Inf reaches no other row's tokens -------------------------------------------------
+
+def poisoned(table, row=0):
+    """A copy of a table [R, ...] whose row `row` holds NaN and +Inf, alternating (a tenant past validation)."""
+    copy = table.clone()
+    pattern = torch.full((copy[row].numel(),), float("inf"))
+    pattern[0::2] = float("nan")
+    copy[row].copy_(pattern.view(copy[row].shape))
+    return copy
+
+
+def applies(g, seg):
+    """Per op: (its tables [R, ...], output width, apply(ops, tables, output)) on random inputs of the segments'
+    tokens."""
+    x, z = randn(g, seg.num_tokens, 48), randn(g, seg.num_tokens, 40)
+    layers, heads, kv_heads, head_dim = 3, 4, 2, 12
+    w0 = randn(g, 48, 48, scale=0.1)
+
+    def bottleneck_tables():
+        return [randn(g, R, 40, 10, scale=0.3), randn(g, R, 10), randn(g, R, 10, 40), randn(g, R, 40), randn(g, R)]
+
+    return {
+        "lowrank": ([randn(g, R, 48, 6, scale=0.12), randn(g, R, 6, 40)], 40,
+                    lambda ops, t, out: ops.lowrank_apply(x, *t, seg, out, SPLIT)),
+        "miss": ([randn(g, R, 16, 8, scale=0.2)], 40, lambda ops, t, out: ops.miss_apply(x, *t, seg, out, SPLIT)),
+        "lorta_heads_out": ([randn(g, R, 48, 6, scale=0.15), randn(g, R, layers, heads + 2 * kv_heads, 6)[:, 1],
+                             randn(g, R, 6, head_dim)], (heads + 2 * kv_heads) * head_dim,
+                            lambda ops, t, out: ops.lorta_heads_out_apply(x, *t, seg, out, SPLIT)),
+        "lorta_heads_in": ([randn(g, R, head_dim, 6, scale=0.3), randn(g, R, heads, 6),
+                            randn(g, R, layers, 4, 6)[:, 2, 1], randn(g, R, 6, 40, scale=0.5)], 40,
+                           lambda ops, t, out: ops.lorta_heads_in_apply(x, *t, seg, out, SPLIT)),
+        "bottleneck": (bottleneck_tables(), 40,
+                       lambda ops, t, out: ops.bottleneck_apply(z, *t, seg, out, act="tanh", config=SPLIT)),
+        "bottleneck_post": (bottleneck_tables(), 40,  # the post-adapter: z is the output it updates
+                            lambda ops, t, out: ops.bottleneck_apply(out, *t, seg, out, act="silu", config=SPLIT)),
+        "bat": ([randn(g, R, 48 // 16, 16, 16, scale=0.2)], 48,
+                lambda ops, t, out: ops.bat_apply(x, *t, w0, seg, out)),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy, on NaN
+@pytest.mark.parametrize("op", ["lowrank", "miss", "lorta_heads_out", "lorta_heads_in", "bottleneck",
+                                "bottleneck_post", "bat"])
+def test_a_poisoned_row_reaches_no_other_rows_tokens(op):
+    """Row 0 (used by tokens, and the row the reference ops read for unused tiles) full of NaN and Inf: every other
+    token's output keeps the bits it has with clean tables, in the kernels and in the reference ops."""
+    g, rows, seg = batch(11, tokens=40)
+    tables, width, apply = applies(g, seg)[op]
+    start = randn(g, 40, width)
+    others = rows != 0
+    for ops in (kernels, reference):
+        outputs = {}
+        for name, used in (("clean", tables), ("poisoned", [poisoned(t) for t in tables])):
+            outputs[name] = start.clone()
+            apply(ops, used, outputs[name])
+        assert torch.equal(outputs["poisoned"][others], outputs["clean"][others]), f"{ops.__name__}: leaked"
+        assert not outputs["poisoned"][~others].isfinite().all(), f"{ops.__name__}: the poison should show"
 
 
 # -- both against each family's own math -----------------------------------------------------------------------------

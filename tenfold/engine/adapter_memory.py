@@ -6,6 +6,11 @@ memory before vLLM sizes its KV cache, and adapters can never push a running eng
 into it at fixed addresses: a bucket reserves its full capacity (one row per vLLM slot) when it is created and keeps
 it, so loading and evicting adapters never moves a table (what graph capture needs). A reservation that does not fit
 raises `AdapterMemoryError`, a clear error that names the budget and the flag that sets it.
+
+The arena is also the ledger of what a step needed beyond the budget (a step that vLLM scheduled already is served
+rather than refused): such tables live in memory of their own (`pack_beyond`), are counted in `beyond` (bytes held
+over the budget now; `beyond_total` counts every byte ever placed there) until they are released or moved into the
+budget (`take_back`).
 """
 
 from __future__ import annotations
@@ -72,13 +77,20 @@ def gib(nbytes: int) -> str:
 
 
 class PackedTables:
-    """Named tables packed in one range of an arena. `views` are rebuilt when the arena compacts: holders read them
-    through this object (or re-read after a store change), never keep a view across one."""
+    """Named tables packed in one range of an arena. `views` are rebuilt when the arena compacts (or the tables move
+    into the budget): holders read them through this object (or re-read after a store change), never keep a view
+    across one."""
 
-    def __init__(self, arena: "AdapterArena", offset: int, shapes: dict, dtype: torch.dtype):
-        self.arena, self.offset, self.shapes, self.dtype = arena, offset, shapes, dtype
+    def __init__(self, arena: "AdapterArena", offset: int, shapes: dict, dtype: torch.dtype, what: str = ""):
+        self.arena, self.offset, self.shapes, self.dtype, self.what = arena, offset, shapes, dtype, what
         self.offsets, self.size = table_layout(shapes, dtype)
         self.views = self._view()
+        self.ledger: AdapterArena | None = None  # the budget that counts these tables while they live beyond it
+        self.released = False
+
+    @property
+    def beyond_budget(self) -> bool:
+        return self.ledger is not None
 
     def _view(self) -> dict:
         return {name: self.arena.view(self.offset + self.offsets[name], shape, self.dtype)
@@ -90,6 +102,10 @@ class PackedTables:
 
     def release(self) -> None:
         self.arena.release(self.offset)
+        if self.ledger is not None:
+            self.ledger._beyond.pop(id(self))
+            self.ledger = None
+        self.released = True
 
 
 class AdapterArena:
@@ -101,10 +117,26 @@ class AdapterArena:
         self.buffer = torch.empty(self.capacity, dtype=torch.uint8, device=device)
         self._free: list[tuple[int, int]] = [(0, self.capacity)] if self.capacity else []  # (offset, size), sorted
         self._used: dict[int, tuple[int, str, PackedTables | None]] = {}  # offset -> (size, what, owner)
+        self._beyond: dict[int, PackedTables] = {}  # id -> tables placed beyond the budget and still held
+        self.beyond_total = 0  # every byte ever placed beyond the budget (a counter, where `beyond` is a gauge)
 
     @property
     def used(self) -> int:
         return sum(size for size, _, _ in self._used.values())
+
+    @property
+    def beyond(self) -> int:
+        """Bytes placed beyond the budget and held now (0 when everything fits it)."""
+        return sum(packed.size for packed in self._beyond.values())
+
+    @property
+    def placed(self) -> int:
+        """Every byte of tables placed: within the budget and beyond it."""
+        return self.used + self.beyond
+
+    def beyond_tables(self) -> list[PackedTables]:
+        """The tables placed beyond the budget and held now, the oldest first."""
+        return list(self._beyond.values())
 
     @property
     def free(self) -> int:
@@ -135,9 +167,27 @@ class AdapterArena:
         """Reserve one range for several tables (zeroed) and return them."""
         size = table_layout(shapes, dtype)[1]
         offset = self.reserve(size, what)
-        packed = PackedTables(self, offset, shapes, dtype)
+        packed = PackedTables(self, offset, shapes, dtype, what)
         self._used[offset] = (*self._used[offset][:2], packed)
         return packed
+
+    def pack_beyond(self, shapes: dict, dtype: torch.dtype, what: str) -> PackedTables:
+        """Tables (zeroed) that do not fit the budget, in memory of their own, counted in `beyond` until they are
+        released or taken back."""
+        packed = AdapterArena(table_layout(shapes, dtype)[1], self.buffer.device).pack(shapes, dtype, what)
+        packed.ledger = self
+        self._beyond[id(packed)] = packed
+        self.beyond_total += packed.size
+        return packed
+
+    def take_back(self, packed: PackedTables) -> None:
+        """Move tables placed beyond the budget into it (the caller made room: `fits(packed.size)`); `packed` holds
+        the same values at their new address."""
+        offset = self.reserve(packed.size, packed.what, packed)
+        self.buffer[offset:offset + packed.size].copy_(packed.arena.buffer[packed.offset:packed.offset + packed.size])
+        del self._beyond[id(packed)]
+        packed.arena, packed.ledger = self, None  # its own arena goes with the last reference to it
+        packed.moved(offset)
 
     def release(self, offset: int) -> None:
         size, _, _ = self._used.pop(offset)

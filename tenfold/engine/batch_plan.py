@@ -39,12 +39,13 @@ class BucketGroup:
         order (the other rows with exact zeros) instead of gathering and scattering the group's rows."""
         return 2 * self.tokens.numel() >= self.step_tokens
 
-    def step_rows(self) -> torch.Tensor:
-        """[T] the table row of every token of the step in token order (row 0 for tokens outside the group, whose
-        inputs the caller zeroes), kept for the step."""
+    def step_rows(self, zero_row: int) -> torch.Tensor:
+        """[T] the table row of every token of the step in token order, kept for the step. Tokens outside the group
+        read `zero_row`, a row of zeros that no adapter is written into (`Bucket.zero_row`), never some adapter's
+        row under a zero weight: 0 * NaN is NaN, and another tenant's NaN would reach their outputs."""
         found = self.views.get("step_rows")
         if found is None:
-            found = self.token_rows.new_zeros(self.step_tokens).index_copy_(0, self.tokens, self.token_rows)
+            found = self.token_rows.new_full((self.step_tokens,), zero_row).index_copy_(0, self.tokens, self.token_rows)
             self.views["step_rows"] = found
         return found
 

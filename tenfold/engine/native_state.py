@@ -9,6 +9,8 @@ contents or the token count changed, so all layers of a step share one grouping.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .batch_plan import BucketGroup, plan_batch
@@ -26,6 +28,15 @@ class NativeState:
         self._plan: list[tuple[Bucket, BucketGroup]] = []
         self._layer_plans: dict[tuple, list[tuple[Bucket, BucketGroup]]] = {}
         self.step_adapters: frozenset[int] = frozenset()  # engine ids the step being prepared needs (kept resident)
+        # the model manager's evictions, for `settle`: make_room() evicts the least recently used adapter the step
+        # does not need; evict(slot) the slot's adapter unless the step needs it (each: whether one went)
+        self.make_room: Callable[[], bool] | None = None
+        self.evict: Callable[[int], bool] | None = None
+
+    def settle(self) -> None:
+        """Before a step's activations (`step_adapters` set): what earlier steps placed beyond the adapter memory
+        budget moves back within it, or is given back (`SlotStore.settle`)."""
+        self.store.settle(self.make_room, self.evict)
 
     def mapping_changed(self, num_tokens: int) -> None:
         """vLLM's punica wrapper holds a new token -> slot mapping for `num_tokens` tokens: take the host copy the

@@ -138,6 +138,10 @@ class Bucket(ABC):
     # whether the family has an apply on tenfold's CPU kernels (`tenfold.kernels.cpu`), which read its tables in
     # the model's dtype; the others compute with torch ops in the store's compute dtype (fp32 on CPU)
     has_cpu_kernels: ClassVar[bool] = False
+    # whether the tables hold one row more than the slots, zeros that no adapter is written into: what the step's
+    # tokens outside a group read where an apply runs over every token (LoRTA's in-place expand), so that they never
+    # read another adapter's row, not even under a zero weight (a family sets it per bucket, before its tables)
+    zero_row = False
 
     def __init__(self, signature: tuple, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                  shard: Shard | None = None, cpu_kernels: bool = False):
@@ -196,13 +200,14 @@ class Bucket(ABC):
             return {k: v.detach().to(self.device, self.dtype) for k, v in self.row_tensors(adapter).items()}
 
     def table_shapes(self, values: dict[str, torch.Tensor], capacity: int) -> dict[str, tuple[int, ...]]:
-        """The shapes of this bucket's tables for `capacity` rows, from one adapter's `row_values`."""
-        return {name: (capacity, *value.shape) for name, value in values.items()}
+        """The shapes of this bucket's tables for `capacity` adapters, from one adapter's `row_values` (and the
+        zero row after them, where the family has one)."""
+        return {name: (capacity + self.zero_row, *value.shape) for name, value in values.items()}
 
     def take_tables(self, packed: PackedTables) -> None:
         """Hold the tables reserved for this bucket (one row per vLLM slot), for the bucket's whole life."""
         self._packed = packed
-        self.capacity = next(iter(packed.shapes.values()))[0]
+        self.capacity = next(iter(packed.shapes.values()))[0] - self.zero_row  # the zero row (if any): row capacity
 
     @property
     def tables(self) -> dict[str, torch.Tensor]:
@@ -228,7 +233,11 @@ class Bucket(ABC):
         return row
 
     def release(self, row: int) -> None:
-        """Free a row; an idle bucket keeps its tables (and addresses) until the store needs the memory."""
+        """Free a row, cleared to zeros: nothing reads a freed row, and no later tenant of it (nor a bug that reads
+        it) sees the previous adapter's values. An idle bucket keeps its tables (and addresses) until the store
+        needs the memory."""
+        for table in self.tables.values():
+            table[row].zero_()
         self.rows_in_use -= 1
         heapq.heappush(self._free, row)
         if self.rows_in_use == 0:

@@ -38,6 +38,7 @@ class LoRTABucket(Bucket):
         super().__init__(signature, spec, dtype, device, shard, cpu_kernels)
         _, self.orientation, self.rank, modules = signature
         self.modules = frozenset(modules)
+        self.zero_row = not cpu_kernels  # read by the tokens outside a group in the torch ops' `_expand_in_place`
 
     @classmethod
     def signature_of(cls, adapter):
@@ -132,12 +133,13 @@ class LoRTABucket(Bucket):
 
     def _expand_in_place(self, call, group, u, head_weights):
         """The expand of a group holding most of the step's tokens, added into the output in place by one batched
-        matmul over all T tokens in token order: no scatter of a delta. Tokens outside the group get u = 0, so
-        their rows gain exact zeros. The per-token head weights and B are gathered once per step (KBs per token)."""
+        matmul over all T tokens in token order: no scatter of a delta. Tokens outside the group get u = 0 and read
+        the bucket's zero row (`zero_row`), so their rows gain exact zeros whatever the adapters' rows hold. The
+        per-token head weights and B are gathered once per step (KBs per token)."""
         key = ("in place", head_weights, call.layer)
         found = group.views.get(key)
         if found is None:
-            rows = group.step_rows()
+            rows = group.step_rows(self.capacity)
             b = group.views.get("B per token")
             if b is None:
                 b = group.views["B per token"] = self.tables["B"].index_select(0, rows)

@@ -66,7 +66,9 @@ def replacements() -> list[Replacement]:
         store = SlotStore(spec, self.lora_slots, dtype, self.device, shard, memory_bytes=budget,
                           kernel_dtype=kernel_dtype)
         punica = self._get_punica_wrapper(next(iter(wrappers), "")) if wrappers else None
-        self._tenfold_native = NativeState(store, punica)
+        native = self._tenfold_native = NativeState(store, punica)
+        native.make_room = lambda: evict_unneeded(self, native, None)
+        native.evict = lambda slot: evict_slot(self, native, slot)
         for name, module in wrappers.items():
             suffix = name.rsplit(".", 1)[-1]
             module.bind_native(self._tenfold_native, name, self.packed_modules_mapping.get(suffix) or [suffix])
@@ -119,6 +121,13 @@ def replacements() -> list[Replacement]:
             if lora_id not in needed and lora_id not in pinned:
                 return self.deactivate_adapter(lora_id)
         return False
+
+    def evict_slot(self, native, slot: int) -> bool:
+        """Deactivate the adapter in `slot` unless the step being prepared needs it or a pin holds it."""
+        lora_id = self.lora_index_to_id[slot]
+        if lora_id is None or lora_id in native.step_adapters or lora_id in self._active_adapters.pinned_items:
+            return False
+        return self.deactivate_adapter(lora_id)
 
     def _deactivate_adapter(self, lora_id):
         native = getattr(self, "_tenfold_native", None)

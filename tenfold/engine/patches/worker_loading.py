@@ -70,6 +70,7 @@ def replacements() -> list[Replacement]:
             return original_apply(self, lora_requests)
         native.step_adapters = frozenset(r.lora_int_id for r in lora_requests if r)
         try:
+            native.settle()  # what earlier steps placed beyond the adapter memory budget: back within it, or gone
             return original_apply(self, lora_requests)
         finally:
             native.step_adapters = frozenset()
