@@ -164,6 +164,7 @@ class NativeCheck:
     frozen_params: int  # entries of the frozen-weight copies its bucket reads (bat, loretta_adp; one rank)
     params: int  # the adapter's own parameters and their bytes: counted once here, not per request's metrics label
     nbytes: int
+    spare_rows: int = 0  # rows its bucket keeps beyond one per slot (a zero row no adapter writes)
 
     def worker_entries(self, tensor_parallel_size: int) -> int:
         """Entries the workers hold for it, all tensor-parallel ranks together (loaded for that size)."""
@@ -172,7 +173,7 @@ class NativeCheck:
     def bucket_bytes(self, slots: int, element_size: int) -> int:
         """The adapter memory its bucket reserves at most when it is the first of its kind: one row per slot, plus
         the frozen-weight copies (shared with other buckets that read them)."""
-        return (slots * self.slot_params + self.frozen_params) * element_size
+        return ((slots + self.spare_rows) * self.slot_params + self.frozen_params) * element_size
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,7 @@ def _load_native(directory: Path, version: str, spec: ModelSpec, tensor_parallel
     other_ranks = sum(_row_params(adapter, spec, tensor_parallel_size, rank) for rank in range(1, tensor_parallel_size))
     return NativeAdapter(family=adapter.family, rank=adapter.rank, fingerprint=version, slot_params=slot_params,
                          all_ranks_slot_params=slot_params + other_ranks, frozen_params=frozen_params,
+                         spare_rows=int(bucket.zero_row),
                          params=adapter.num_params(), nbytes=adapter.nbytes(), adapter=adapter)
 
 
