@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import AdapterKeyError, AdapterMismatchError, AdapterValueError, NoExactLoRAError, where
 from .spec import ModelSpec
+from .values import Values
 
 ModuleKey = tuple[int, str]  # (layer index, module name such as "q_proj")
 
@@ -36,7 +37,7 @@ def key_name(key: ModuleKey) -> str:
 def parse_key_name(name: str) -> ModuleKey:
     m = _KEY.match(name)
     if not m:
-        raise ValueError(f"not a module key: {name!r} (expected 'layers.<i>.<module>')")
+        raise AdapterKeyError(f"not a module key: {name[:120]!r} (expected 'layers.<i>.<module>')")
     return int(m.group(1)), m.group(2)
 
 
@@ -67,6 +68,19 @@ class Adapter(nn.Module, ABC):
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self._factors.values())).dtype
+
+    # --- the family's settings ------------------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def check_config(cls, values: Values) -> dict[str, int]:
+        """Every value of the family's own config checked (`values` reads it, as tenfold's format holds it in
+        "config"); {key: rank} of the ranks that size its serving table or a contraction."""
+
+    def densified_entries(self) -> tuple[int, str]:
+        """(values, what they are) of the largest form tenfold computes from the factors beyond the factors
+        themselves (TT cores contracted, a per-layer LoRA form, a tiled block), from the bound spec's shapes;
+        (0, "") when nothing is."""
+        return 0, ""
 
     # --- the family's math ---------------------------------------------------------------------------------------
     @property
@@ -107,6 +121,7 @@ class Adapter(nn.Module, ABC):
     # --- validation ----------------------------------------------------------------------------------------------
     def validate(self, spec: ModelSpec) -> None:
         """Check the adapter against a base model; binds the spec on success."""
+        dtypes = {}  # tensors of more than one value, by dtype: the family's products need one dtype
         for name, value in self.tensors().items():
             if value.dtype not in FLOAT_DTYPES:
                 raise AdapterValueError(
@@ -114,6 +129,12 @@ class Adapter(nn.Module, ABC):
             if not torch.isfinite(value).all():
                 bad = (~torch.isfinite(value)).sum().item()
                 raise AdapterValueError(f"{where(self.source, name)}: {bad} NaN/Inf values; an adapter must be finite")
+            if value.numel() > 1:
+                dtypes.setdefault(value.dtype, name)
+        if len(dtypes) > 1:
+            (first, a), (second, b) = list(dtypes.items())[:2]
+            raise AdapterValueError(f"{where(self.source, b)}: expected every factor in one dtype, found {second} here "
+                                    f"and {first} in {a!r}")
         for layer, module in self.targets:
             spec.check_layer(layer, where(self.source))
             if module not in spec.shapes:

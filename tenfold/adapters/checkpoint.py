@@ -11,26 +11,25 @@ import hashlib
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from . import strict_json
 from .errors import AdapterFormatError, AdapterKeyError, AdapterTooLargeError, where
+from .limits import (MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_TENSOR_DIMS, MAX_TENSOR_NAME, MAX_TENSORS,
+                     max_adapter_bytes)
+from .tensor_files import SAFETENSORS_DTYPES, read_pickle, read_safetensors
+from .values import MAX_LAYERS, Values, is_int, shown
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
+ADAPTER_FILE_NAMES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
 TENFOLD_FORMAT = "tenfold"
 TENFOLD_FORMAT_VERSION = 1
-DEFAULT_MAX_BYTES = 4 << 30
-
-
-def max_adapter_bytes() -> int:
-    """The size limit for one adapter's tensor file: env TENFOLD_MAX_ADAPTER_BYTES, default 4 GiB."""
-    value = os.environ.get("TENFOLD_MAX_ADAPTER_BYTES")
-    return int(value) if value else DEFAULT_MAX_BYTES
 
 
 def fingerprint(path) -> str:
@@ -38,7 +37,7 @@ def fingerprint(path) -> str:
     files are rewritten, so prefix-cache keys and worker caches notice a reloaded adapter."""
     directory = Path(path)
     parts = []
-    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
+    for name in ADAPTER_FILE_NAMES:
         try:
             st = (directory / name).stat()
         except FileNotFoundError:
@@ -47,49 +46,114 @@ def fingerprint(path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def read_config(directory: Path) -> dict:
-    path = Path(directory) / CONFIG_NAME
-    if not Path(directory).is_dir():
+def adapter_files(directory, max_bytes: int | None = None) -> dict[str, Path]:
+    """The adapter's files that exist ({name: the file itself}, of adapter_config.json, adapter_model.safetensors
+    and adapter_model.bin), each a regular file inside `directory` (a symbolic link is followed only to a file
+    inside it) within its size limit (MAX_CONFIG_BYTES for the config, `max_bytes` or TENFOLD_MAX_ADAPTER_BYTES for
+    tensors); nothing is read. The one rule every reader applies, and what an adapter snapshot copies."""
+    directory = Path(directory)
+    if not directory.is_dir():
         raise AdapterFormatError(f"{directory}: not a directory; an adapter is a directory holding {CONFIG_NAME} "
                                  f"and {SAFETENSORS_NAME} (or {BIN_NAME})")
-    if not path.is_file():
-        raise AdapterFormatError(f"{path}: missing; every adapter directory needs {CONFIG_NAME}")
+    found = {}
+    for name in ADAPTER_FILE_NAMES:
+        path = directory / name
+        if os.path.lexists(path):
+            found[name] = _checked_file(path, _size_limit(name, max_bytes))[0]
+    return found
+
+
+def _size_limit(name: str, max_bytes: int | None) -> int:
+    if name == CONFIG_NAME:
+        return MAX_CONFIG_BYTES
+    return max_adapter_bytes() if max_bytes is None else max_bytes
+
+
+def _checked_file(path: Path, limit: int) -> tuple[Path, int]:
+    """(the file `path` names, its size): a regular file inside path's directory, within `limit` bytes."""
+    target = path.resolve()
+    if not target.is_relative_to(path.parent.resolve()):
+        raise AdapterFormatError(f"{path}: a symbolic link to {target}, outside the adapter's directory; expected the "
+                                 f"file itself (or a link to a file inside the directory)")
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        st = target.stat()
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: cannot be opened ({e.strerror}); expected a readable regular file") from None
+    return target, _check_stat(path, st, limit)
+
+
+def _check_stat(path: Path, st: os.stat_result, limit: int) -> int:
+    if not stat.S_ISREG(st.st_mode):
+        raise AdapterFormatError(f"{path}: expected a regular file, found a {_kind(st.st_mode)}")
+    if st.st_size > limit:
+        if path.name == CONFIG_NAME:
+            raise AdapterTooLargeError(f"{path}: {st.st_size} bytes, over the limit for {CONFIG_NAME} of {limit} "
+                                       f"bytes")
+        raise AdapterTooLargeError(f"{path}: {st.st_size} bytes, over the adapter size limit of {limit} bytes "
+                                   f"(TENFOLD_MAX_ADAPTER_BYTES)")
+    return st.st_size
+
+
+def _kind(mode: int) -> str:
+    return ("directory" if stat.S_ISDIR(mode) else "named pipe" if stat.S_ISFIFO(mode) else "socket"
+            if stat.S_ISSOCK(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+
+
+def _open(path: Path, limit: int):
+    """(open binary file, size) for the adapter file `path`, checked by `_checked_file` and again on the open
+    descriptor (a file swapped between the check and the open is caught)."""
+    target, _ = _checked_file(path, limit)
+    try:
+        f = open(target, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW))
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: cannot be opened ({e.strerror})") from None
+    try:
+        return f, _check_stat(path, os.fstat(f.fileno()), limit)
+    except BaseException:
+        f.close()
+        raise
+
+
+def read_config(directory: Path, files: dict[str, Path] | None = None) -> dict:
+    """adapter_config.json, parsed strictly (`strict_json`: size, nesting, finite numbers, unique keys);
+    `files` is `adapter_files(directory)` when the caller has it."""
+    directory = Path(directory)
+    files = adapter_files(directory) if files is None else files
+    path = directory / CONFIG_NAME
+    if CONFIG_NAME not in files:
+        raise AdapterFormatError(f"{path}: missing; every adapter directory needs {CONFIG_NAME}")
+    f, size = _open(path, MAX_CONFIG_BYTES)
+    with f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterTooLargeError(f"{path}: over the limit for {CONFIG_NAME} of {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
+    config = strict_json.loads(text, path, MAX_CONFIG_DEPTH)
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object, found {type(config).__name__}")
     return config
 
 
-def weights_file(directory: Path) -> Path:
+def weights_file(directory: Path, files: dict[str, Path] | None = None) -> Path:
+    """The adapter's tensor file (safetensors preferred), as the user names it (messages name this path)."""
+    directory = Path(directory)
+    files = adapter_files(directory) if files is None else files
     for name in (SAFETENSORS_NAME, BIN_NAME):
-        path = Path(directory) / name
-        if path.is_file():
-            return path
+        if name in files:
+            return directory / name
     raise AdapterFormatError(f"{directory}: no tensor file: expected {SAFETENSORS_NAME} or {BIN_NAME}")
 
 
 def read_tensors(path: Path, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors or pickled .bin file, on CPU; size-limited before anything is parsed."""
-    limit = max_adapter_bytes() if max_bytes is None else max_bytes
-    size = path.stat().st_size
-    if size > limit:
-        raise AdapterTooLargeError(f"{path}: {size} bytes, over the adapter size limit of {limit} bytes "
-                                   f"(TENFOLD_MAX_ADAPTER_BYTES)")
-    if path.suffix == ".safetensors":
-        try:
-            tensors = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise AdapterFormatError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-    else:
-        try:
-            tensors = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle, zip and unpickler errors all mean the same thing here
-            raise AdapterFormatError(f"{path}: cannot be read as a weights-only torch pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise AdapterFormatError(f"{path}: expected a mapping of tensor names to tensors")
+    """All tensors of a safetensors or pickled .bin file, on CPU; every size checked before the memory it implies is
+    taken (`tensor_files`)."""
+    path = Path(path)
+    f, size = _open(path, _size_limit(path.name, max_bytes))
+    with f:
+        tensors = read_safetensors(f, size, path) if path.suffix == ".safetensors" else read_pickle(f, size, path)
     if not tensors:
         raise AdapterFormatError(f"{path}: holds no tensors")
     return tensors
@@ -179,21 +243,46 @@ def write_tenfold(adapter, directory: Path) -> Path:
     return directory
 
 
-def check_tenfold_tensors(config: dict, tensors: dict, source: Path) -> None:
-    """The JSON's declared tensors and the file's tensors must agree exactly."""
+def check_tenfold_declarations(config: dict, cfg_path: Path) -> None:
+    """tenfold's format, before any tensor is read: the declared tensors (names, shapes, dtypes) and the base model's
+    shapes."""
     declared = config.get("tensors")
-    if not isinstance(declared, dict):
-        raise AdapterFormatError(f"{where(source.parent / CONFIG_NAME, 'tensors')}: expected a mapping of tensor names "
-                                 f"to shapes")
+    if not isinstance(declared, dict) or not 0 < len(declared) <= MAX_TENSORS:
+        raise AdapterFormatError(f"{where(cfg_path, 'tensors')}: expected a mapping of 1 to {MAX_TENSORS} tensor names "
+                                 f"to their shapes and dtypes")
+    for name, entry in declared.items():
+        if len(name) > MAX_TENSOR_NAME:
+            raise AdapterFormatError(f"{where(cfg_path, 'tensors')}: expected tensor names of at most "
+                                     f"{MAX_TENSOR_NAME} characters, found one of {len(name)}")
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and len(shape) <= MAX_TENSOR_DIMS and all(is_int(n) and n >= 0 for n in shape)):
+            raise AdapterFormatError(f"{where(cfg_path, f'tensors.{name}.shape')}: expected a list of at most "
+                                     f"{MAX_TENSOR_DIMS} non-negative integers, found {shown(shape)}")
+        if entry.get("dtype") is not None and not (isinstance(entry["dtype"], str) and entry["dtype"] in _DTYPE_NAMES):
+            raise AdapterFormatError(f"{where(cfg_path, f'tensors.{name}.dtype')}: expected one of "
+                                     f"{', '.join(_DTYPE_NAMES)}, found {shown(entry['dtype'])}")
+    spec_from_json(config.get("base_model"), cfg_path)
+
+
+_DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in SAFETENSORS_DTYPES.values()}
+
+
+def check_tenfold_tensors(config: dict, tensors: dict, source: Path) -> None:
+    """The JSON's declared tensors (checked by `check_tenfold_declarations`) and the file's must agree exactly."""
+    declared = config["tensors"]
     missing = sorted(set(declared) - set(tensors))
     extra = sorted(set(tensors) - set(declared))
     if missing or extra:
         raise AdapterKeyError(f"{where(source)}: tensors disagree with {CONFIG_NAME}: missing {missing[:5]}, "
                               f"undeclared {extra[:5]}")
     for name, entry in declared.items():
-        if list(tensors[name].shape) != list(entry.get("shape", [])):
-            raise AdapterFormatError(f"{where(source, name)}: {CONFIG_NAME} declares shape {entry.get('shape')}, the "
+        if list(tensors[name].shape) != entry["shape"]:
+            raise AdapterFormatError(f"{where(source, name)}: {CONFIG_NAME} declares shape {entry['shape']}, the "
                                      f"file holds {list(tensors[name].shape)}")
+        dtype = entry.get("dtype")
+        if dtype is not None and _DTYPE_NAMES[dtype] != tensors[name].dtype:
+            raise AdapterFormatError(f"{where(source, name)}: {CONFIG_NAME} declares dtype {dtype}, the file holds "
+                                     f"{str(tensors[name].dtype).removeprefix('torch.')}")
 
 
 def spec_to_json(spec) -> dict:
@@ -204,11 +293,23 @@ def spec_to_json(spec) -> dict:
     }
 
 
-def spec_from_json(data: dict | None):
-    from .spec import ModelSpec
+_SPEC_SIZES = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
+SPEC_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
-    if not data:
+
+def spec_from_json(data: dict | None, cfg_path=None):
+    """The base model's shapes tenfold's format records (written by `spec_to_json`), every value checked."""
+    from .spec import SUPPORTED_MODEL_TYPES, ModelSpec
+
+    if data is None or data == {}:
         return None
-    data = dict(data)
-    data["dtype"] = getattr(torch, data.get("dtype") or "float32")
-    return ModelSpec(**data)
+    values = Values(data, cfg_path, "base_model.")
+    unknown = sorted(k for k in data if k not in ("num_layers", "model_type", "dtype", "name", *_SPEC_SIZES))
+    if unknown:
+        values.fail(unknown[0], "no such key in base_model")
+    sizes = {key: values.int(key) for key in _SPEC_SIZES}
+    if sizes["num_heads"] % sizes["num_kv_heads"]:
+        values.fail("num_kv_heads", f"a divisor of num_heads ({sizes['num_heads']})")
+    return ModelSpec(num_layers=values.int("num_layers", maximum=MAX_LAYERS), **sizes,
+                     model_type=values.choice("model_type", SUPPORTED_MODEL_TYPES, "llama"),
+                     dtype=getattr(torch, values.choice("dtype", SPEC_DTYPES, "float32")), name=values.text("name"))

@@ -28,7 +28,10 @@ class FamilyDeclaration:
     # whether an adapter_config.json with one of those peft_types is this family's (several families share LORA and
     # MISS: each tells its own apart; exactly one may claim a config)
     claims: Callable[[dict], bool]
-    # (config, tensors, weights file, options) -> the adapter, settings audited
+    # (config, its path) -> {config key: rank}: every setting audited and every value it reads checked, before any
+    # tensor is read; the ranks returned size a serving table or a contraction (bounded by --max-lora-rank)
+    check: Callable[[dict, Path], dict[str, int]]
+    # (config that `check` accepted, tensors, weights file, options) -> the adapter
     read: Callable[[dict, dict, Path, ReadOptions], Adapter]
     # "module:Class" of its serving table; imported by the engine, which sits above this package
     bucket: str

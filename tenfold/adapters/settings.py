@@ -16,9 +16,11 @@ layers_pattern, modules_to_save), `loretta_targeted` is the official LoRETTA cod
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass
 
-from .errors import AdapterFormatError, where
+from .errors import AdapterFormatError, AdapterKeyError, where
+from .values import Values, shown
 
 # Keys every PEFT-style config carries; none changes the forward pass.
 BOOKKEEPING = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
@@ -121,6 +123,65 @@ def loretta_targeted(config: dict, key: str) -> bool:
     return any(key.endswith(t) for t in targets or ())
 
 
+# How each targeting setting is used as a regular expression ("{}" is the user's expression).
+TARGET_REGEX = "{}"                                        # re.fullmatch(target_modules / exclude_modules, path)
+LAYERS_REGEX = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."          # `_layer_index`
+
+
+def check_peft_targeting(values: Values) -> None:
+    """target_modules, exclude_modules, layers_to_transform and layers_pattern as PEFT reads them."""
+    values.targets("target_modules", TARGET_REGEX)
+    values.targets("exclude_modules", TARGET_REGEX)
+    values.layers("layers_to_transform")
+    pattern = values.config.get("layers_pattern")
+    for entry in [pattern] if isinstance(pattern, str) else values.names("layers_pattern") or ():
+        values.regex("layers_pattern", entry, LAYERS_REGEX)
+
+
+_TARGETING_KEYS = ("rule", "path_template", "blocks", "target_modules", "exclude_modules", "layers_to_transform",
+                   "layers_pattern")
+
+
+def check_targeting(values: Values, key: str = "targeting") -> None:
+    """tenfold's record of the producer's targeting rule (`targeted_set` reads it), as a family config holds it."""
+    if values.config.get(key) is None:
+        return
+    targeting = Values(values.config[key], values.path, f"{values.prefix}{key}.")
+    unknown = sorted(k for k in targeting.config if k not in _TARGETING_KEYS)
+    if unknown:
+        targeting.fail(unknown[0], f"only the keys {', '.join(_TARGETING_KEYS)}")
+    targeting.choice("rule", ("peft", "loretta"), "peft")
+    template = targeting.text("path_template")
+    if template is not None and template_problem(template):
+        targeting.fail("path_template", template_problem(template))
+    blocks = targeting.config.get("blocks") or {}
+    if not isinstance(blocks, dict) or not all(isinstance(m, str) and isinstance(b, str) and
+                                               (b == "" or _PATH_PART.fullmatch(b)) for m, b in blocks.items()):
+        targeting.fail("blocks", "a mapping of module names to the path segment holding them")
+    check_peft_targeting(targeting)
+
+
+MAX_TEMPLATE = 128  # characters of a module path template: module paths stay short for the targeting regexes
+_PATH_PART = re.compile(r"[\w.-]{1,%d}" % MAX_TEMPLATE)
+
+
+def template_problem(template: str) -> str | None:
+    """Why `template` is not a module path template (plain path text and the fields {layer}, {block}, {module}
+    without format specs), or None."""
+    if len(template) > MAX_TEMPLATE:
+        return f"a module path template of at most {MAX_TEMPLATE} characters"
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError:
+        parts = None
+    fields = [field for _, field, _, _ in parts or ()]
+    if parts is None or any(spec or conversion for _, _, spec, conversion in parts) or \
+            not set(fields) - {None} <= {"layer", "block", "module"} or "layer" not in fields or \
+            "module" not in fields or not all(_PATH_PART.fullmatch(text) for text, _, _, _ in parts if text):
+        return "a module path template such as 'model.layers.{layer}.{block}.{module}'"
+    return None
+
+
 # The parts of a module path PEFT sees for a Llama-style decoder; `path_template` in an adapter's config records the
 # real one from the checkpoint's keys.
 DEFAULT_TEMPLATE = "model.layers.{layer}.{block}.{module}"
@@ -142,6 +203,9 @@ def template_from_paths(paths: dict, strip: str = "base_model.model.") -> tuple[
         m = re.match(rf"^(?P<prefix>(?:.*\.)?)layers\.{layer}\.(?:(?P<block>.+)\.)?{module}$", path)
         if m is None:
             continue
+        if not all(_PATH_PART.fullmatch(part) for part in (m.group("prefix"), m.group("block")) if part):
+            raise AdapterKeyError(f"module path {shown(path)}: expected a path of letters, digits, '_', '-' and '.' "
+                                  f"of at most {MAX_TEMPLATE} characters before the layer index")
         template = m.group("prefix") + "layers.{layer}.{block}.{module}"
         blocks[module] = m.group("block") or ""
     if any(b == "" for b in blocks.values()):  # modules directly under the layer: no block segment
@@ -154,5 +218,7 @@ def targeted_set(targeting: dict, num_layers: int, modules) -> set[tuple[int, st
     rule = peft_targeted if targeting.get("rule", "peft") == "peft" else (lambda c, k, _=None: loretta_targeted(c, k))
     template = targeting.get("path_template") or DEFAULT_TEMPLATE
     blocks = targeting.get("blocks") or {}
+    if isinstance(targeting.get("layers_to_transform"), list) and targeting["layers_to_transform"]:  # looked up per path
+        targeting = {**targeting, "layers_to_transform": frozenset(targeting["layers_to_transform"])}
     return {(layer, m) for layer in range(num_layers) for m in modules
             if rule(targeting, module_path(template, layer, m, blocks), tuple(modules))}

@@ -11,14 +11,22 @@ import math
 import torch
 
 from .errors import AdapterMismatchError, where
+from .limits import require_dense_size
 
 
-def check_cores(cores: list[torch.Tensor], numel: int, source, name: str) -> None:
-    """Cores must be 3-d, chain their ranks, start and end at rank 1, and hold `numel` entries in all."""
+def mode_product(cores: list[torch.Tensor], source, name: str) -> int:
+    """The product of the cores' mode sizes (the entries of their contraction); every core must be 3-d."""
     for k, core in enumerate(cores):
         if core.dim() != 3:
             raise AdapterMismatchError(f"{where(source, f'{name}.{k}')}: expected a 3-d TT core [t_in, n, t_out], "
                                        f"found shape {list(core.shape)}")
+    return math.prod(c.shape[1] for c in cores)
+
+
+def check_cores(cores: list[torch.Tensor], numel: int, source, name: str, tensor_rank: int | None = None) -> None:
+    """Cores must be 3-d, chain their ranks, start and end at rank 1, keep every TT rank within `tensor_rank` (the
+    config's) and hold `numel` entries in all."""
+    found = mode_product(cores, source, name)
     if cores[0].shape[0] != 1 or cores[-1].shape[-1] != 1:
         raise AdapterMismatchError(f"{where(source, name)}: the first core must start and the last end with TT rank 1, "
                                    f"found {list(cores[0].shape)} ... {list(cores[-1].shape)}")
@@ -26,13 +34,30 @@ def check_cores(cores: list[torch.Tensor], numel: int, source, name: str) -> Non
         if cores[k - 1].shape[-1] != cores[k].shape[0]:
             raise AdapterMismatchError(f"{where(source, f'{name}.{k}')}: TT rank {cores[k].shape[0]} does not match the "
                                        f"previous core's {cores[k - 1].shape[-1]}")
-    found = math.prod(c.shape[1] for c in cores)
+    if tensor_rank is not None:
+        for k, core in enumerate(cores[:-1]):
+            if core.shape[-1] > tensor_rank:
+                raise AdapterMismatchError(f"{where(source, f'{name}.{k}')}: TT rank {core.shape[-1]} exceeds the "
+                                           f"config's tensor_rank {tensor_rank}")
     if found != numel:
         raise AdapterMismatchError(f"{where(source, name)}: the cores' mode sizes multiply to {found}, expected {numel}")
 
 
+def contraction_size(cores: list[torch.Tensor]) -> tuple[int, int]:
+    """(entries of the contracted matrix, entries of the largest intermediate result) of contracting `cores` in
+    order, from their shapes alone."""
+    modes, peak = 1, 0
+    for core in cores:
+        modes *= core.shape[1]
+        peak = max(peak, modes * core.shape[-1])
+    return modes, peak
+
+
 def tt_matrix(cores: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
-    """Contract the cores in order and reshape row-major to [rows, cols]."""
+    """Contract the cores in order and reshape row-major to [rows, cols]; refused before any work when the result
+    or an intermediate would exceed the adapter size limit (loaded adapters were checked as a whole already)."""
+    _, peak = contraction_size(cores)
+    require_dense_size(max(peak, rows * cols), cores[0].element_size(), "contracting these TT cores", None)
     out = cores[0]
     for core in cores[1:]:
         out = torch.tensordot(out, core, dims=([-1], [0]))

@@ -14,7 +14,7 @@ from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
 ROOT_ENV = "TENFOLD_ADAPTER_ROOT"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched in full: `$` would accept a final newline
 
 
 class InvalidAdapterName(ValueError):
@@ -23,7 +23,7 @@ class InvalidAdapterName(ValueError):
 
 def adapter_path(root, name: str) -> Path:
     """The directory for `name` under `root`; InvalidAdapterName if the name is malformed or escapes the root."""
-    if not NAME_PATTERN.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise InvalidAdapterName(f"invalid adapter name {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
                                  f"starting with a letter or digit, without '..'")
     root = Path(root).resolve()

@@ -6,6 +6,7 @@ from .family import Bat
 
 DECLARATION = FamilyDeclaration(
     Bat, peft_types=("MISS", "BONE"), claims=miss_format.is_bat,
+    check=miss_format.check,
     read=lambda config, tensors, source, options: official.read(config, tensors, source),
     bucket="tenfold.engine.buckets.bat:BatBucket",
     bench_settings=dict(target_modules=["q_proj", "v_proj"], r=16))

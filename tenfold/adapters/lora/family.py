@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from ..base import LowRankAdapter, ModuleKey, key_name, parse_key_name
 from ..errors import AdapterMismatchError, where
+from ..settings import check_targeting
+from ..values import finite_number
 
 
 class LoRA(LowRankAdapter):
@@ -39,6 +41,20 @@ class LoRA(LowRankAdapter):
                   "target_modules": sorted(target_modules)}
         return cls(config, tensors, spec)
 
+    @classmethod
+    def check_config(cls, values):
+        ranks = {"r": values.int("r")}
+        values.number("lora_alpha")
+        values.flag("use_rslora")
+        alphas = values.config.get("module_alphas")
+        if alphas is not None and (not isinstance(alphas, dict) or any(
+                not isinstance(k, str) or finite_number(a) for k, a in alphas.items())):
+            values.fail("module_alphas", "a mapping of module names (layers.<i>.<module>) to finite numbers")
+        values.names("target_modules")
+        values.layer_list("layers")
+        check_targeting(values)
+        return ranks
+
     @property
     def rank(self) -> int:
         return int(self.config["r"])
@@ -53,7 +69,7 @@ class LoRA(LowRankAdapter):
 
     def scaling(self, key: ModuleKey) -> float:
         r = self.factors(key)[0].shape[0]
-        alpha = self.config.get("module_alphas", {}).get(key_name(key), self.config["lora_alpha"])
+        alpha = (self.config.get("module_alphas") or {}).get(key_name(key), self.config["lora_alpha"])
         return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
 
     def lora_factors(self, key):
@@ -69,6 +85,9 @@ class LoRA(LowRankAdapter):
             fan_in, fan_out = spec.module_shape(key[1])
             a, b = self.factors(key)
             r = a.shape[0]
+            if a.dim() != 2 or r < 1:
+                raise AdapterMismatchError(f"{where(self.source, key_name(key) + '.lora_A')}: expected shape [r, "
+                                           f"{fan_in}] with r >= 1, found {list(a.shape)}")
             self.expect_shape(f"{key_name(key)}.lora_A", (r, fan_in))
             self.expect_shape(f"{key_name(key)}.lora_B", (fan_out, r))
 

@@ -12,16 +12,20 @@ from safetensors.torch import save_file
 from ..base import key_name
 from ..checkpoint import CONFIG_NAME, SAFETENSORS_NAME, group_by_module
 from ..errors import AdapterFormatError, where
-from ..settings import Refusal, audit, not_set, template_from_paths
+from ..settings import Refusal, audit, check_peft_targeting, not_set, template_from_paths
+from ..values import Values, finite_number, positive_int
 from .family import LoRA
 
 PEFT_PREFIX = "base_model.model."
 
 
+PATTERN_REGEX = r"(.*\.)?({})$"  # how PEFT matches a rank_pattern / alpha_pattern key against a module path
+
+
 def _pattern_value(patterns: dict, path: str):
     """PEFT's rank/alpha pattern rule: the first pattern that matches the module path's end (as a regex)."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
+        if re.match(PATTERN_REGEX.replace("{}", pattern), path):
             return value
     return None
 
@@ -40,10 +44,6 @@ def _init_served(value) -> bool:
         return True
     text = str(value).lower()
     return text in ("gaussian", "eva", "orthogonal", "mica") and not text.startswith(_BASE_CHANGING_INITS)
-
-
-def _rank_pattern_ok(value) -> bool:
-    return isinstance(value, dict) and all(isinstance(v, int) and v > 0 for v in value.values())
 
 
 HONOURED = ("r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
@@ -73,22 +73,32 @@ REFUSED = (
     Refusal("init_lora_weights", "true, false, 'gaussian', 'eva', 'orthogonal' or 'mica' (inits that leave the base "
             "weights untouched)", _init_served, "this initialisation changes the base weights, so the adapter is only "
             "correct on that changed base; " + _CONVERT),
-    Refusal("rank_pattern", "a mapping of module patterns to positive integer ranks", _rank_pattern_ok,
-            "each module's rank must be a positive integer"),
 )
 
 
-def read(config: dict, tensors: dict, source: Path) -> LoRA:
-    cfg_path = source.parent / CONFIG_NAME
+def check(config: dict, cfg_path: Path) -> dict[str, int]:
+    """Every setting audited and every value PEFT's LoRA reads checked; {key: rank} of the ranks its tables take."""
     audit(config, cfg_path, HONOURED, REFUSED, "PEFT LoRA")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool):
-            raise AdapterFormatError(f"{where(cfg_path, field)}: expected a number, found {config.get(field)!r}")
+    values = Values(config, cfg_path)
+    ranks = {"r": values.int("r")}
+    values.number("lora_alpha")
+    values.fraction("lora_dropout")
+    values.flag("use_rslora")
+    values.flag("fan_in_fan_out")
+    for pattern, rank in values.patterns("rank_pattern", PATTERN_REGEX, positive_int).items():
+        ranks[f"rank_pattern.{pattern}"] = rank
+    values.patterns("alpha_pattern", PATTERN_REGEX, finite_number)
+    check_peft_targeting(values)
     if config.get("layers_to_transform") is not None and config.get("layers_pattern") not in (None, "", [], "layers") \
             and "layers" not in (config.get("layers_pattern") or []):
         raise AdapterFormatError(f"{where(cfg_path, 'layers_pattern')}: expected 'layers' (the decoder's layer list), "
                                  f"found {config['layers_pattern']!r}; with any other pattern PEFT adapts no layer "
                                  f"of a Llama-style model")
+    return ranks
+
+
+def read(config: dict, tensors: dict, source: Path) -> LoRA:
+    """A LoRA from a config `check` accepted and its tensors."""
     paths: dict = {}
     grouped = group_by_module(tensors, r"lora_[AB]\.weight", source, paths)
     ours, alphas = {}, {}

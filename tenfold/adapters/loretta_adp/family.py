@@ -21,10 +21,29 @@ from transformers.activations import ACT2FN
 
 from ..base import Adapter, key_name
 from ..errors import AdapterMismatchError, NoExactLoRAError, where
-from ..loretta_rep.family import collect_cores
-from ..tt import check_cores, random_cores, tt_matrix
+from ..loretta_rep.family import collect_cores, densified_cores
+from ..settings import check_targeting
+from ..tt import check_cores, mode_product, random_cores, tt_matrix
+from ..values import Values
 
 PLACEMENT = {"gate_proj": "pre", "up_proj": "pre", "down_proj": "post"}
+
+
+def check_activation(values: Values) -> str:
+    """non_linearity: the name of a transformers activation (LoRETTA's default: tanh)."""
+    name = values.text("non_linearity", "tanh")
+    if name not in ACT2FN:
+        values.fail("non_linearity", "a transformers activation such as relu, tanh, gelu, silu")
+    return name
+
+
+def check_scaling(values: Values):
+    """scaling: a number (1 when absent), or "learned" (one scalar per module in the checkpoint)."""
+    if "scaling" in values.config and values.config["scaling"] is None:
+        values.fail("scaling", "a number or 'learned'")
+    if values.config.get("scaling") == "learned":
+        return "learned"
+    return values.number("scaling", 1.0)
 _NAME = re.compile(r"^layers\.\d+\.\w+\.(adapter_down\.cores\.\d+|adapter_up\.cores\.\d+|adapter_down\.bias|"
                    r"adapter_up\.bias|adapter_scaling)$")
 
@@ -52,11 +71,11 @@ class LoRETTAAdp(Adapter):
             for part in ("adapter_down", "adapter_up"):
                 if part not in parts:
                     raise AdapterMismatchError(f"{where(source, key_name(key) + '.' + part)}: missing TT cores")
-                numel = math.prod(c.shape[1] for c in parts[part])
+                numel = mode_product(parts[part], source, f"{key_name(key)}.{part}.cores")
                 if numel % b:
                     raise AdapterMismatchError(f"{where(source, key_name(key) + '.' + part)}: mode sizes multiply to "
                                                f"{numel}, not a multiple of bottleneck_size={b}")
-                check_cores(parts[part], numel, source, f"{key_name(key)}.{part}.cores")
+                check_cores(parts[part], numel, source, f"{key_name(key)}.{part}.cores", config["tensor_rank"])
             for part, size in (("adapter_down.bias", b), ("adapter_up.bias", numel // b)):
                 name = f"{key_name(key)}.{part}"
                 if self.has_tensor(name) and tuple(self.tensor(name).shape) != (size,):
@@ -91,6 +110,18 @@ class LoRETTAAdp(Adapter):
         config = {"bottleneck_size": b, "tensor_rank": tensor_rank, "non_linearity": non_linearity,
                   "scaling": scaling, "target_modules": sorted(target_modules)}
         return cls(config, tensors, spec)
+
+    @classmethod
+    def check_config(cls, values):
+        ranks = {"bottleneck_size": values.int("bottleneck_size"), "tensor_rank": values.int("tensor_rank")}
+        check_activation(values)
+        check_scaling(values)
+        values.names("target_modules")
+        check_targeting(values)
+        return ranks
+
+    def densified_entries(self):
+        return densified_cores(self._cores), f"contracting its TT cores (the bottleneck of size {self.rank} of each module)"
 
     @property
     def rank(self) -> int:

@@ -7,9 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import key_name
-from ..checkpoint import CONFIG_NAME, group_by_module
-from ..errors import AdapterFormatError, where
-from ..settings import Refusal, audit, not_set, template_from_paths
+from ..checkpoint import group_by_module
+from ..errors import AdapterFormatError, AdapterMismatchError, where
+from ..settings import TARGET_REGEX, Refusal, audit, not_set, template_from_paths
+from ..values import Values
 
 # The official LorettaAdpConfig (yifanycc/loretta, loretta/tuners/loretta_adp.py) and PEFT's base config keys.
 HONOURED = ("bottleneck_size", "non_linearity", "adapter_dropout", "target_modules", "scaling", "init_weights",
@@ -19,24 +20,33 @@ REFUSED = (
             "tenfold does not serve"),
     Refusal("modules_to_save", "null or []", not_set, "whole modules saved beside the adapter are not served"),
 )
-from .family import LoRETTAAdp
+from .family import LoRETTAAdp, check_activation, check_scaling
+
+
+def check(config: dict, cfg_path: Path) -> dict[str, int]:
+    """Every setting audited and every value the official LoRETTA adp code reads checked; {key: rank}:
+    bottleneck_size sizes the contracted down and up projections, tensor_rank the contraction itself."""
+    audit(config, cfg_path, HONOURED, REFUSED, "LoRETTA adp")
+    values = Values(config, cfg_path)
+    if not values.flag("tensorized"):
+        raise AdapterFormatError(f"{where(cfg_path, 'tensorized')}: expected true (a LoRETTA adp checkpoint); plain "
+                                 f"bottleneck adapters are not supported")
+    for key in ("use_parallel_adapter", "use_adapterp"):
+        if values.flag(key):
+            raise AdapterFormatError(f"{where(cfg_path, key)}: parallel adapters are not supported; LoRETTA adp "
+                                     f"places pre-adapters on gate/up and a post-adapter on down")
+    ranks = {"bottleneck_size": values.int("bottleneck_size"), "tensor_rank": values.int("tensor_rank")}
+    check_scaling(values)
+    check_activation(values)
+    values.fraction("adapter_dropout")
+    values.text("init_weights")
+    values.targets("target_modules", TARGET_REGEX)
+    return ranks
 
 
 def read(config: dict, tensors: dict, source: Path) -> LoRETTAAdp:
-    cfg_path = source.parent / CONFIG_NAME
-    audit(config, cfg_path, HONOURED, REFUSED, "LoRETTA adp")
-    if not config.get("tensorized", False):
-        raise AdapterFormatError(f"{where(cfg_path, 'tensorized')}: expected true (a LoRETTA adp checkpoint); plain "
-                                 f"bottleneck adapters are not supported")
-    if config.get("use_parallel_adapter") or config.get("use_adapterp"):
-        raise AdapterFormatError(f"{where(cfg_path, 'use_parallel_adapter')}: parallel adapters are not supported; "
-                                 f"LoRETTA adp places pre-adapters on gate/up and a post-adapter on down")
-    for field in ("bottleneck_size", "tensor_rank"):
-        if not isinstance(config.get(field), int):
-            raise AdapterFormatError(f"{where(cfg_path, field)}: expected an integer, found {config.get(field)!r}")
+    """A LoRETTA adp adapter from a config `check` accepted and its tensors."""
     scaling = config.get("scaling", 1.0)
-    if scaling != "learned" and not isinstance(scaling, (int, float)):
-        raise AdapterFormatError(f"{where(cfg_path, 'scaling')}: expected a number or 'learned', found {scaling!r}")
     paths: dict = {}
     grouped = group_by_module(
         tensors, r"adapter_(?:down|up)\.layer\.tensor\.factors\.\d+|adapter_(?:down|up)\.layer\.bias|adapter_scaling", source,
@@ -46,6 +56,9 @@ def read(config: dict, tensors: dict, source: Path) -> LoRETTAAdp:
     for key, parts in grouped.items():
         for rest, value in parts.items():
             if rest == "adapter_scaling":
+                if value.numel() != 1:
+                    raise AdapterMismatchError(f"{where(source, paths[key] + '.adapter_scaling')}: expected one "
+                                               f"value (the module's learned scaling), found shape {list(value.shape)}")
                 ours[f"{key_name(key)}.adapter_scaling"] = value.reshape(1)
                 continue
             part = rest.split(".")[0]

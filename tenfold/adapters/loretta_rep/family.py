@@ -14,7 +14,8 @@ import torch
 
 from ..base import LowRankAdapter, key_name, parse_key_name
 from ..errors import AdapterMismatchError, where
-from ..tt import check_cores, random_cores, tt_matrix
+from ..settings import check_targeting
+from ..tt import check_cores, contraction_size, mode_product, random_cores, tt_matrix
 
 _CORE = re.compile(r"^(layers\.\d+\.\w+)\.(lora_A|lora_B)\.cores\.(\d+)$")
 
@@ -39,6 +40,12 @@ def collect_cores(tensors: dict, parts: tuple[str, ...], source) -> dict:
     return result
 
 
+def densified_cores(cores: dict) -> int:
+    """Entries of every contracted matrix of {key: {part: cores}}, plus the largest intermediate result."""
+    sizes = [contraction_size(part_cores) for parts in cores.values() for part_cores in parts.values()]
+    return sum(out for out, _ in sizes) + max((peak for _, peak in sizes), default=0)
+
+
 class LoRETTARep(LowRankAdapter):
     family = "loretta_rep"
 
@@ -58,11 +65,11 @@ class LoRETTARep(LowRankAdapter):
                                                f"both lora_A and lora_B cores for every module")
             r = self.rank
             for part in ("lora_A", "lora_B"):
-                numel = math.prod(c.shape[1] for c in parts[part])
+                numel = mode_product(parts[part], source, f"{key_name(key)}.{part}.cores")
                 if numel % r:
                     raise AdapterMismatchError(f"{where(source, key_name(key) + '.' + part)}: the cores' mode sizes "
                                                f"multiply to {numel}, which is not a multiple of r={r}")
-                check_cores(parts[part], numel, source, f"{key_name(key)}.{part}.cores")
+                check_cores(parts[part], numel, source, f"{key_name(key)}.{part}.cores", config["tensor_rank"])
         self._targets = sorted(self._cores)
 
     @classmethod
@@ -81,6 +88,17 @@ class LoRETTARep(LowRankAdapter):
         config = {"r": r, "lora_alpha": float(lora_alpha), "tensor_rank": tensor_rank,
                   "target_modules": sorted(target_modules)}
         return cls(config, tensors, spec)
+
+    @classmethod
+    def check_config(cls, values):
+        ranks = {"r": values.int("r"), "tensor_rank": values.int("tensor_rank")}
+        values.number("lora_alpha")
+        values.names("target_modules")
+        check_targeting(values)
+        return ranks
+
+    def densified_entries(self):
+        return densified_cores(self._cores), f"contracting its TT cores (rank {self.rank} A and B of each module)"
 
     @property
     def rank(self) -> int:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import key_name
-from ..checkpoint import CONFIG_NAME, group_by_module
-from ..errors import AdapterFormatError, where
-from ..settings import Refusal, audit, not_set, template_from_paths
+from ..checkpoint import group_by_module
+from ..settings import TARGET_REGEX, Refusal, audit, not_set, template_from_paths
+from ..values import Values
 
 # The official LorettaRepConfig (yifanycc/loretta, loretta/tuners/loretta_rep.py) and PEFT's base config keys.
 HONOURED = ("r", "lora_alpha", "tensor_rank", "target_modules", "lora_dropout", "merge_weights")
@@ -23,12 +23,21 @@ REFUSED = (
 from .family import LoRETTARep
 
 
+def check(config: dict, cfg_path: Path) -> dict[str, int]:
+    """Every setting audited and every value the official LoRETTA rep code reads checked; {key: rank}: r sizes the
+    contracted A and B, tensor_rank the contraction itself."""
+    audit(config, cfg_path, HONOURED, REFUSED, "LoRETTA rep")
+    values = Values(config, cfg_path)
+    ranks = {"r": values.int("r"), "tensor_rank": values.int("tensor_rank")}
+    values.number("lora_alpha")
+    values.fraction("lora_dropout")
+    values.flag("merge_weights")
+    values.targets("target_modules", TARGET_REGEX)
+    return ranks
+
+
 def read(config: dict, tensors: dict, source: Path) -> LoRETTARep:
-    audit(config, source.parent / CONFIG_NAME, HONOURED, REFUSED, "LoRETTA rep")
-    for field in ("r", "lora_alpha", "tensor_rank"):
-        if not isinstance(config.get(field), (int, float)):
-            raise AdapterFormatError(f"{where(source.parent / CONFIG_NAME, field)}: expected a number, found "
-                                     f"{config.get(field)!r}")
+    """A LoRETTA rep adapter from a config `check` accepted and its tensors."""
     paths: dict = {}
     grouped = group_by_module(tensors, r"lora_[AB]\.layer\.tensor\.factors\.\d+", source, paths)
     template, blocks = template_from_paths(paths)

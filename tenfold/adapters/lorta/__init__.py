@@ -5,6 +5,7 @@ from .family import LoRTA
 
 DECLARATION = FamilyDeclaration(
     LoRTA, peft_types=("LORTA",), claims=lambda config: True,
+    check=official.check,
     read=lambda config, tensors, source, options: official.read(config, tensors, source, options.lorta_orientation),
     bucket="tenfold.engine.buckets.lorta:LoRTABucket",
     bench_settings=dict(r=16))  # q, k, v, o

@@ -27,6 +27,7 @@ import torch
 
 from ..base import LowRankAdapter
 from ..errors import AdapterMismatchError, where
+from ..values import REQUIRED
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj")
 ORIENTATIONS = ("heads_in", "heads_out")
@@ -44,6 +45,9 @@ class LoRTA(LowRankAdapter):
             raise AdapterMismatchError(f"{where(source)}: LoRTA needs exactly the tensors {list(NAMES)}: missing "
                                        f"{missing}, unexpected {extra[:5]}")
         for name in NAMES:
+            if tensors[name].dim() != 2:
+                raise AdapterMismatchError(f"{where(source, name)}: expected a matrix, found shape "
+                                           f"{list(tensors[name].shape)}")
             self.set_tensor(name, tensors[name])
         if config.get("orientation") not in ORIENTATIONS:
             raise AdapterMismatchError(f"{where(source)}: LoRTA orientation must be one of {ORIENTATIONS}, found "
@@ -69,6 +73,24 @@ class LoRTA(LowRankAdapter):
         config = {"r": r, "lora_alpha": float(lora_alpha), "orientation": orientation,
                   "target_modules": sorted(target_modules)}
         return cls(config, tensors, spec)
+
+    @classmethod
+    def check_config(cls, values):
+        ranks = {"r": values.int("r")}
+        values.number("lora_alpha")
+        values.choice("orientation", ORIENTATIONS)
+        values.flag("use_rslora")
+        values.number("scale", None)
+        targets = values.names("target_modules", REQUIRED)
+        if not targets or any(m not in MATRICES for m in targets):
+            values.fail("target_modules", f"a non-empty list of the attention matrices {', '.join(MATRICES)}")
+        values.layer_list("layers")
+        return ranks
+
+    def densified_entries(self):
+        spec = self.require_spec("the LoRA form")
+        entries = sum(self.rank * sum(spec.module_shape(m)) for _, m in self.targets)
+        return entries, f"its per-layer LoRA form (rank {self.rank} for {len(self.targets)} modules)"
 
     @property
     def num_layers(self) -> int:
@@ -129,9 +151,11 @@ class LoRTA(LowRankAdapter):
             raise AdapterMismatchError(
                 f"{where(self.source)}: LoRTA needs square q and o projections (num_heads * head_dim == hidden_size); "
                 f"the base model has {spec.num_heads} x {spec.head_dim} != {spec.hidden_size}")
-        r = self.tensor("lora_A").shape[1]
-        if r != self.rank:
-            raise AdapterMismatchError(f"{where(self.source, 'lora_A')}: config r is {self.rank}, the tensor has rank {r}")
+        a = self.tensor("lora_A")
+        if a.dim() == 2 and a.shape[1] != self.rank:
+            raise AdapterMismatchError(f"{where(self.source, 'lora_A')}: config r is {self.rank}, the tensor has rank "
+                                       f"{a.shape[1]}")
+        r = self.rank
         expected = {"lora_A": (spec.hidden_size, r), "lora_B": (r, spec.head_dim), "lora_C_l": (spec.num_layers, r),
                     "lora_C_h": (spec.num_heads, r), "lora_C_m": (4, r)}
         for name, shape in expected.items():

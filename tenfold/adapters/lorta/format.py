@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CONFIG_NAME
-from ..errors import AdapterFormatError, AdapterKeyError, where
-from ..settings import Refusal, audit, not_set, peft_targeted
+from ..errors import AdapterFormatError, AdapterKeyError, AdapterMismatchError, where
+from ..settings import Refusal, audit, check_peft_targeting, not_set, peft_targeted
+from ..values import MAX_LAYERS, Values, positive_int, positive_number
 from .family import MATRICES, NAMES, ORIENTATIONS, LoRTA
 
 # The fork's names for the four attention matrices, also accepted as target_modules.
@@ -49,13 +50,35 @@ REFUSED = (
 )
 
 
+FORK_PATTERN_REGEX = r".*\.{}$"  # how the fork matches a rank_pattern / alpha_pattern key against a module path
+
+
 def _fork_pattern_key(keys, path):
-    return next((k for k in keys if re.match(rf".*\.{k}$", path)), None)
+    return next((k for k in keys if re.match(FORK_PATTERN_REGEX.replace("{}", k), path)), None)
+
+
+def check(config: dict, cfg_path: Path) -> dict[str, int]:
+    """Every setting audited and every value the fork reads checked; {key: rank}: r sizes every table."""
+    audit(config, cfg_path, HONOURED, REFUSED, "LoRTA fork")
+    values = Values(config, cfg_path)
+    ranks = {"r": values.int("r")}
+    values.number("lora_alpha", nonzero=True)  # the per-module scalings are folded relative to one of them
+    values.flag("use_rslora")
+    values.patterns("rank_pattern", FORK_PATTERN_REGEX, positive_int)  # only the scaling: the factors keep rank r
+    values.patterns("alpha_pattern", FORK_PATTERN_REGEX, positive_number)
+    check_peft_targeting(values)
+    values.number("init_scale", None)
+    values.fraction("lora_dropout")
+    values.flag("fan_in_fan_out")
+    if config.get("orientation") is not None:
+        values.choice("orientation", ORIENTATIONS)
+    return ranks
 
 
 def read(config: dict, tensors: dict, source: Path, orientation: str | None = None) -> LoRTA:
+    """A LoRTA adapter from a config `check` accepted, its tensors and the caller's orientation (when the config
+    records none)."""
     cfg_path = source.parent / CONFIG_NAME
-    audit(config, cfg_path, HONOURED, REFUSED, "LoRTA fork")
     ours, keys = {}, {}
     for name, value in tensors.items():
         short = name.rsplit(".", 1)[-1]
@@ -68,9 +91,6 @@ def read(config: dict, tensors: dict, source: Path, orientation: str | None = No
     chosen = config.get("orientation") or orientation or "heads_in"
     if chosen not in ORIENTATIONS:
         raise AdapterFormatError(f"{where(cfg_path, 'orientation')}: expected one of {ORIENTATIONS}, found {chosen!r}")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool):
-            raise AdapterFormatError(f"{where(cfg_path, field)}: expected a number, found {config.get(field)!r}")
     targets = config.get("target_modules") or list(MATRICES)
     if isinstance(targets, list):
         targets = [SHORT_NAMES.get(t, t) for t in targets]
@@ -80,6 +100,9 @@ def read(config: dict, tensors: dict, source: Path, orientation: str | None = No
         num_layers = 0  # the family's constructor names the missing or malformed factor
     else:
         num_layers = ours["lora_C_l"].shape[0]
+    if num_layers > MAX_LAYERS:  # before one targeting test per row
+        raise AdapterMismatchError(f"{where(source, keys['lora_C_l'])}: expected one row per layer (at most "
+                                   f"{MAX_LAYERS}), found {num_layers}")
     targeted = {(layer, m) for layer in range(num_layers) for m in MATRICES
                 if peft_targeted(targeting, FORK_PATH.format(layer=layer, module=m))}
     modules = sorted({m for _, m in targeted})
@@ -96,10 +119,6 @@ def read(config: dict, tensors: dict, source: Path, orientation: str | None = No
     # the fork's per-module scaling
     r, alpha = config["r"], float(config["lora_alpha"])
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    for key, value in list(rank_pattern.items()) + list(alpha_pattern.items()):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise AdapterFormatError(f"{where(cfg_path, 'rank_pattern' if key in rank_pattern else 'alpha_pattern')}: "
-                                     f"expected a positive number for {key!r}, found {value!r}")
     pattern_keys = list(rank_pattern) + list(alpha_pattern)
     scales = {}
     for layer, m in targeted:
@@ -122,7 +141,8 @@ def read(config: dict, tensors: dict, source: Path, orientation: str | None = No
 def _fold_scales(ours: dict, scales: dict, layers, modules, num_layers: int, cfg_path) -> None:
     """Write s[l, m] = u[l] * v[m] into C_l (rows of untargeted layers become zero) and C_m, or refuse."""
     l0, m0 = layers[0], modules[0]
-    u = [scales[layer, m0] / scales[l0, m0] if layer in layers else 0.0 for layer in range(num_layers)]
+    adapted = set(layers)
+    u = [scales[layer, m0] / scales[l0, m0] if layer in adapted else 0.0 for layer in range(num_layers)]
     v = {m: scales[l0, m] for m in modules}
     for (layer, m), s in scales.items():
         if abs(u[layer] * v[m] - s) > 1e-9 * abs(s):

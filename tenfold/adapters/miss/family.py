@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from ..base import Adapter, LowRankAdapter, key_name, parse_key_name
 from ..errors import AdapterMismatchError, where
+from ..settings import check_targeting
+from ..values import REQUIRED
 
 VARIANTS = ("default", "mini")
 
@@ -45,6 +47,13 @@ class PerModuleBlocks(Adapter):
             self.set_tensor(name, value)
         self._targets = sorted(keys)
 
+    @classmethod
+    def check_config(cls, values):
+        ranks = {"r": values.int("r")}
+        values.names("target_modules")
+        check_targeting(values)
+        return ranks
+
     @property
     def rank(self) -> int:
         return int(self.config["r"])
@@ -63,6 +72,17 @@ class MiSS(PerModuleBlocks, LowRankAdapter):
                                        f"{config.get('variant')!r}")
         if config["variant"] == "mini" and not config.get("mini_r"):
             raise AdapterMismatchError(f"{where(source)}: the mini variant needs mini_r in the config")
+
+    @classmethod
+    def check_config(cls, values):
+        variant = values.choice("variant", VARIANTS)
+        values.int("mini_r", REQUIRED if variant == "mini" else None)
+        return super().check_config(values)
+
+    def densified_entries(self):
+        spec = self.require_spec("the LoRA form")
+        entries = sum(self.rank * sum(spec.module_shape(m)) for _, m in self.targets)
+        return entries, f"its LoRA form (rank {self.rank}, the blocks tiled, for {len(self.targets)} modules)"
 
     @classmethod
     def create(cls, spec, target_modules, r=16, variant="default", mini_r=None, init="random", seed=0,

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import key_name
-from ..checkpoint import CONFIG_NAME, group_by_module
-from ..errors import AdapterFormatError, where
-from ..settings import Refusal, audit, not_set, template_from_paths
+from ..checkpoint import group_by_module
+from ..settings import Refusal, audit, check_peft_targeting, not_set, template_from_paths
+from ..values import REQUIRED, Values
 from .family import MiSS
 
 
@@ -26,15 +26,22 @@ def is_bat(config: dict) -> bool:
     return config.get("init_weights") == "bat"
 
 
-def parsed(config: dict, tensors: dict, source: Path) -> tuple[dict, dict]:
-    """Settings audited; (tenfold's config of the blocks shared by every variant, tensors by tenfold's names)."""
-    cfg_path = source.parent / CONFIG_NAME
+def check(config: dict, cfg_path: Path) -> dict[str, int]:
+    """Every setting audited and every value PEFT's MiSS / Bone (and Bat) reads checked; {key: rank}."""
     audit(config, cfg_path, HONOURED, REFUSED, f"PEFT {config.get('peft_type')}")
-    if not isinstance(config.get("r"), int):
-        raise AdapterFormatError(f"{where(cfg_path, 'r')}: expected an integer, found {config.get('r')!r}")
-    init = config.get("init_weights", True)
-    if init not in (True, False, "mini", "bat"):
-        raise AdapterFormatError(f"{where(cfg_path, 'init_weights')}: expected true, false, 'mini' or 'bat', found {init!r}")
+    values = Values(config, cfg_path)
+    r = values.int("r")
+    init = values.choice("init_weights", (True, False, "mini", "bat"), True)
+    values.int("mini_r", REQUIRED if init == "mini" else None)  # PEFT writes it (1) for every variant
+    values.fraction("miss_dropout")
+    values.fraction("bone_dropout")
+    check_peft_targeting(values)
+    return {"r": r}
+
+
+def parsed(config: dict, tensors: dict, source: Path) -> tuple[dict, dict]:
+    """From a config `check` accepted: (tenfold's config of the blocks shared by every variant, tensors by tenfold's
+    names)."""
     block_name = "bone_block" if config.get("peft_type") == "BONE" else "miss_block"
     paths: dict = {}
     grouped = group_by_module(tensors, block_name, source, paths)
@@ -53,10 +60,7 @@ def parsed(config: dict, tensors: dict, source: Path) -> tuple[dict, dict]:
 
 
 def read(config: dict, tensors: dict, source: Path) -> MiSS:
-    cfg_path = source.parent / CONFIG_NAME
     common, ours = parsed(config, tensors, source)
     if config.get("init_weights") == "mini":
-        if not isinstance(config.get("mini_r"), int):
-            raise AdapterFormatError(f"{where(cfg_path, 'mini_r')}: the mini variant needs an integer mini_r")
         return MiSS({**common, "variant": "mini", "mini_r": config["mini_r"]}, ours, source=source)
     return MiSS({**common, "variant": "default"}, ours, source=source)
