@@ -325,3 +325,17 @@ def test_snapshots_are_removed_at_exit_and_stale_ones_at_start(specs, tmp_path):
         versions.close()
         mine.rmdir()
     assert not versions.root.exists()
+
+
+def test_a_file_linked_outside_the_adapter_is_refused_before_any_copy(table, specs, tmp_path):
+    """A tensor file that links to a file elsewhere is never copied into a snapshot (nor validated, nor served)."""
+    versions, _, validated = table
+    elsewhere = save_adapter(make("miss", specs["mha"], seed=16), tmp_path / "elsewhere")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "adapter_config.json").write_text((elsewhere / "adapter_config.json").read_text())
+    (linked / "adapter_model.safetensors").symlink_to(elsewhere / "adapter_model.safetensors")
+    for _ in range(3):
+        with pytest.raises(AdapterError, match="outside the adapter's directory"):
+            versions.admit(request(linked))
+    assert validated == [] and not list(versions.root.iterdir()) and versions.live_versions() == 0

@@ -27,7 +27,7 @@ import torch
 
 from ..adapters import Adapter, AdapterError, ModelSpec, NoExactLoRAError, load_adapter
 from ..adapters.checkpoint import fingerprint
-from ..adapters.errors import AdapterMismatchError
+from ..adapters.errors import AdapterMismatchError, AdapterTooLargeError
 from ..adapters.lora.format import peft_lora_config, peft_lora_tensors
 
 VERDICTS = 1 << 16  # checked versions remembered (facts or refusal): beyond any engine's registered adapters
@@ -457,12 +457,12 @@ def _convert(directory: Path, version: str, spec: ModelSpec, max_rank: int | Non
 
 def _check_rank(converted: ConvertedAdapter | ConvertCheck, directory: Path, max_rank: int | None) -> None:
     if max_rank is not None and converted.rank > max_rank:
-        raise AdapterMismatchError(
+        raise AdapterTooLargeError(
             f"{directory}: this {converted.family} adapter needs LoRA rank {converted.rank}, above the engine's "
-            f"max_lora_rank {max_rank}; start the engine with --max-lora-rank {converted.rank} or more")
+            f"--max-lora-rank {max_rank}; start the engine with --max-lora-rank {converted.rank} or more")
 
 
 def _read(directory: Path, spec: ModelSpec, max_rank: int | None) -> Adapter:
     """The adapter read and validated against the served model; a rank that sizes a table or a contraction above
     `max_rank` (the engine's --max-lora-rank) is refused before any tensor is read."""
-    return load_adapter(directory, spec)
+    return load_adapter(directory, spec, max_rank=max_rank)

@@ -38,9 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapters.checkpoint import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, max_adapter_bytes
-
-ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
 ENGINE_ID_BASE = 1 << 30  # vLLM's own counter starts at 1: engine ids never collide with user ids
 SNAPSHOT_ATTEMPTS = 20  # a copy taken while the files were being rewritten is retried
 SNAPSHOT_RETRY_SECONDS = 0.05
@@ -160,20 +157,21 @@ class AdapterVersions:
     def _snapshot(self, source: Path, engine_id: int) -> tuple[Path, str]:
         """A validated copy of the version now on disk, taken when the files did not change during the copy."""
         from ..adapters import AdapterError
-        from ..adapters.checkpoint import fingerprint
+        from ..adapters.checkpoint import adapter_files, fingerprint
         from .loader import note_snapshot
 
         target = self.root / f"{engine_id}-{source.name}"
         for _ in range(SNAPSHOT_ATTEMPTS):
             before = fingerprint(source)
+            try:  # regular files inside the directory, within their size limits, before a byte is copied
+                files = adapter_files(source)
+            except AdapterError as e:
+                self._refuse(source, before, e)
+                raise
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
             try:
-                for name in ADAPTER_FILES:  # what the readers read: not logs or optimizer states beside them
-                    item = source / name
-                    if item.is_file():
-                        if item.stat().st_size > max_adapter_bytes():
-                            self._validate(source)  # refuses it (size limit) without copying it first
-                        shutil.copy2(item, staging / name)
+                for name, item in files.items():  # what the readers read: not logs or optimizer states beside them
+                    shutil.copy2(item, staging / name)
                 unchanged = fingerprint(source) == before
             except FileNotFoundError:  # a file replaced during the copy
                 unchanged = False
