@@ -147,6 +147,10 @@ def cluster(tiny_model_dirs, specs, tmp_path_factory):
             "--replica-cpus", 0.5, "--port", port, "--grpc-port", grpc_port, "--adapter-root", root, "--api-key", KEY,
             "--protect-all", "--replica-log-dir", logs, *ENGINE_ARGS, "--max-cpu-loras", 4, "--max-loras", 2]
     with running_server(argv, port, logs / "cluster.log", startup_timeout=600) as running:
+        deadline = time.monotonic() + 600  # the ingress answers before every replica has started
+        while len(httpx.get(f"{running['url']}/v1/replicas", headers=ADMIN, timeout=30).json()["replicas"]) < 2:
+            assert time.monotonic() < deadline, "the replicas did not start"
+            time.sleep(2)
         client = openai.OpenAI(base_url=f"{running['url']}/v1", api_key=KEY, max_retries=0, timeout=180)
         yield {**running, "client": client, "adapters": adapters, "root": root, "grpc": f"127.0.0.1:{grpc_port}"}
 
@@ -434,6 +438,7 @@ def test_a_replica_killed_under_streams_ends_each_stream_exactly_or_with_an_erro
         replicas = httpx.get(f"{cluster['url']}/v1/replicas", headers=ADMIN, timeout=30).json()["replicas"]
         server = psutil.Process(server_pid(replicas[victim["id"]]))
         engine = server.children(recursive=True)  # the engine core and its workers
+        assert engine, "the replica's server has no engine processes"
         server.kill()  # the server alone: its engine processes must stop by themselves
         for thread in streams:
             thread.join(timeout=600)
