@@ -18,6 +18,24 @@ CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_O
            "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 
 
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie that its parent has not reaped yet counts as exited)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids, seconds: float) -> list[int]:
+    """Waits until every process in `pids` has exited or `seconds` passed; the pids still running."""
+    deadline = time.monotonic() + seconds
+    while (running := [pid for pid in pids if not gone(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return running
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,9 @@ single `tenfold serve` gives it.
 
 Serve's proxy calls the ingress deployment's method named like the RPC with the request message. Generation goes to
 a replica chosen by the request's adapter (Serve's multiplexed model id, as over HTTP) and from there to its engine's
-own gRPC server, so messages, errors and status codes are the single engine's. Admin calls run the ingress's
+own gRPC server, so messages, errors and status codes are the single engine's; a stream that breaks (the replica or
+its engine died) or ends before the engine's last message (the one with a finish reason) ends with UNAVAILABLE, and
+so does a call whose replica failed. Admin calls run the ingress's
 transport-neutral admin steps (every replica, the registry) and map their HTTP statuses to gRPC codes. Trailing
 metadata names the replica that served a generation and whether that request loaded its adapter there.
 """
@@ -20,6 +22,18 @@ pb, services = load_protos()
 # the import path Serve's gRPC proxy registers (`grpc_servicer_functions`); it must not pull in vLLM
 add_TenfoldServicer_to_server = services.add_TenfoldServicer_to_server
 SERVICER_FUNCTION = f"{__name__}.add_TenfoldServicer_to_server"
+
+
+class StreamFailed(Exception):
+    """Ends a gRPC stream with the code set on its context."""
+
+
+STREAM_ENDED_EARLY = "the stream ended before the engine finished it; retry it"
+
+
+def replica_failure(e: Exception) -> str:
+    """What a caller is told when the replica serving its request failed (answered 503 or UNAVAILABLE)."""
+    return f"the replica serving this request failed ({type(e).__name__}); retry it"
 
 
 def code_of(status: int) -> grpc.StatusCode:
@@ -76,7 +90,7 @@ class GrpcIngressMethods:
                 request.adapter, "Generate", request.SerializeToString(), self._metadata(grpc_context))
         except Exception as e:  # the replica died or was replaced under this request
             grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
-            grpc_context.set_details(f"the replica serving this request failed ({type(e).__name__}); retry it")
+            grpc_context.set_details(replica_failure(e))
             return pb.GenerateResponse()
         self._served_by(grpc_context, head)
         if head["code"]:
@@ -88,20 +102,29 @@ class GrpcIngressMethods:
     async def GenerateStream(self, request, grpc_context):
         chunks = self._generation_handle(request.adapter).options(stream=True).forward_grpc_stream.remote(
             request.adapter, "GenerateStream", request.SerializeToString(), self._metadata(grpc_context))
+        finished, failure = False, None
         try:
             async for item in chunks:
                 if isinstance(item, dict):  # the head, or the engine's error after it
                     if "replica" in item:
                         self._served_by(grpc_context, item)
                     if item["code"]:
-                        grpc_context.set_code(grpc.StatusCode[item["code"]])
-                        grpc_context.set_details(item["details"])
-                        return
+                        failure = grpc.StatusCode[item["code"]], item["details"]
+                        break
                     continue
-                yield pb.GenerateResponse.FromString(item)
+                message = pb.GenerateResponse.FromString(item)
+                finished = bool(message.finish_reason)
+                yield message
+            else:
+                if not finished:
+                    failure = grpc.StatusCode.UNAVAILABLE, STREAM_ENDED_EARLY
         except Exception as e:
-            grpc_context.set_code(grpc.StatusCode.UNAVAILABLE)
-            grpc_context.set_details(f"the replica serving this request failed ({type(e).__name__}); retry it")
+            failure = grpc.StatusCode.UNAVAILABLE, replica_failure(e)
+        if failure is not None:
+            grpc_context.set_code(failure[0])
+            grpc_context.set_details(failure[1])
+            # Serve's proxy passes a stream's code on with its next message or an exception, not when it just ends
+            raise StreamFailed(failure[1])
 
     async def ListAdapters(self, request, grpc_context):
         # a single engine lists adapters to any caller it serves (generation's key rule), not only to admins

@@ -5,8 +5,11 @@ Serve's multiplexed model id, so Serve routes them to a replica that already hol
 affinity off they go to any replica, which loads the adapter itself. Admin calls reach every replica: a load records
 its path for replicas that load the name later, an unload and a pin or unpin go to each replica's engine. Responses
 name the replica that served them (`x-tenfold-replica`) and whether that request loaded its adapter there
-(`x-tenfold-adapter-loaded`). A replica that fails mid-request answers 503 with Retry-After: the client can retry,
-and Serve replaces the replica. The admin steps are transport-neutral ((status, JSON body) from the caller's
+(`x-tenfold-adapter-loaded`). A replica that fails before the response started answers 503 with Retry-After (the
+client can retry, and Serve replaces the replica); a stream it cuts, or one that ends without the engine's
+`data: [DONE]`, ends with an error event in OpenAI's shape and `data: [DONE]`, as vLLM ends a stream that fails. With
+--api-key every route needs the key except `/health` and, without --protect-all, generation and the model list. The
+admin steps are transport-neutral ((status, JSON body) from the caller's
 authorization): the HTTP routes here and the gRPC methods (`grpc_ingress.py`) wrap the same steps.
 """
 
@@ -21,15 +24,20 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from ..server.api_key import bearer_key_matches
-from .grpc_ingress import GrpcIngressMethods, parsed_body
+from .grpc_ingress import STREAM_ENDED_EARLY, GrpcIngressMethods, parsed_body, replica_failure
 from .registry import REGISTRY_NAMESPACE
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 ADMIN_TIMEOUT_SECONDS = 600
+ALWAYS_PUBLIC_PATHS = ("/health",)
+# open to callers without the key unless --protect-all (a single engine's rule)
+SERVING_PATHS = (*GENERATION_PATHS, "/v1/models")
+SSE_DONE = b"data: [DONE]"
+SSE_EVENT_END = b"\n\n"
 
 
-def error_body(status: int, message: str) -> dict:
-    return {"error": {"message": message, "type": HTTPStatus(status).phrase, "code": status}}
+def error_body(status: int, message: str, kind: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind or HTTPStatus(status).phrase, "param": None, "code": status}}
 
 
 def error(status: int, message: str, retry: bool = False) -> JSONResponse:
@@ -37,8 +45,15 @@ def error(status: int, message: str, retry: bool = False) -> JSONResponse:
                         headers={"Retry-After": "1"} if retry else None)
 
 
+def key_required(path: str, protect_all: bool) -> bool:
+    """Deny by default: with --api-key, whether a request for `path` (the routed path) must carry the key."""
+    return path not in ALWAYS_PUBLIC_PATHS and (protect_all or path not in SERVING_PATHS)
+
+
 def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, registry_name: str):
     app = FastAPI(title="tenfold cluster")
+    if api_key:
+        app.add_middleware(KeyRequired, api_key=api_key, protect_all=protect_all)
 
     @serve.ingress(app)
     class Ingress(GrpcIngressMethods):
@@ -49,6 +64,8 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
             self.affinity = affinity
             self.registry = ray.get_actor(registry_name, namespace=REGISTRY_NAMESPACE)
             self.base_names: set[str] | None = None
+            # the ingress's own calls to the engines carry the key: with --protect-all they refuse calls without it
+            self.own_headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
 
         # --- helpers -----------------------------------------------------------------------------------------------
         def _admin_denied(self, headers: dict, admin: bool) -> tuple[int, dict] | None:
@@ -56,15 +73,13 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
                 return None
             return 401, error_body(401, "missing or wrong API key (Authorization: Bearer <key>)")
 
-        def _denied(self, request: Request, admin: bool) -> JSONResponse | None:
-            denied = self._admin_denied(self._forwarded_headers(request), admin)
-            return JSONResponse(denied[1], status_code=denied[0]) if denied else None
-
         async def _base(self) -> set[str]:
+            """The served base model's names (asked of an engine once; a failed answer is not kept)."""
             if self.base_names is None:
-                status, _, body = await self.engines.forward.remote("", "GET", "/v1/models", {}, b"")
-                cards = json.loads(body)["data"] if status == 200 else []
-                self.base_names = {c["id"] for c in cards if "adapter" not in c}
+                status, _, body = await self.engines.forward.remote("", "GET", "/v1/models", self.own_headers, b"")
+                if status != 200:
+                    raise RuntimeError(f"an engine answered {status} to the ingress's model listing")
+                self.base_names = {c["id"] for c in json.loads(body)["data"] if "adapter" not in c}
             return self.base_names
 
         @staticmethod
@@ -89,19 +104,16 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
 
         # --- generation ----------------------------------------------------------------------------------------------
         async def _generate(self, request: Request) -> Response:
-            denied = self._denied(request, admin=False)
-            if denied:
-                return denied
             body = await request.body()
             try:
                 payload = json.loads(body)
                 model, stream = str(payload.get("model", "")), bool(payload.get("stream", False))
             except (ValueError, AttributeError):  # the engine answers malformed bodies exactly as a single server
                 model, stream = "", False
-            adapter = "" if not model or model in await self._base() else model
-            handle = self.engines.options(multiplexed_model_id=adapter) if affinity and adapter else self.engines
             headers = self._forwarded_headers(request)
             try:
+                adapter = "" if not model or model in await self._base() else model
+                handle = self.engines.options(multiplexed_model_id=adapter) if affinity and adapter else self.engines
                 if not stream:
                     status, out_headers, content = await handle.forward.remote(adapter, "POST", request.url.path,
                                                                                headers, body)
@@ -110,7 +122,9 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
                                                                            headers, body)
                 status, out_headers = await chunks.__anext__()
             except Exception as e:  # the replica died or was replaced under this request
-                return error(503, f"the replica serving this request failed ({type(e).__name__}); retry it", True)
+                return error(503, replica_failure(e), True)
+            if status == 200 and out_headers.get("content-type", "").startswith("text/event-stream"):
+                return StreamingResponse(whole_events_or_error(chunks), status_code=status, headers=out_headers)
             return StreamingResponse(_rest(chunks), status_code=status, headers=out_headers)
 
         @app.post("/v1/completions")
@@ -123,9 +137,6 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
 
         @app.get("/v1/models")
         async def models(self, request: Request):
-            denied = self._denied(request, admin=False)
-            if denied:
-                return denied
             status, headers, content = await self.engines.forward.remote("", "GET", "/v1/models",
                                                                          self._forwarded_headers(request), b"")
             return Response(content, status_code=status, headers=headers)
@@ -137,20 +148,23 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
         @app.get("/v1/replicas")
         async def replicas(self, request: Request):
             """Each replica's engine URL: scrape its /metrics there (residency per adapter and tier)."""
-            return self._denied(request, admin=True) or {"replicas": await self._replicas()}
+            return {"replicas": await self._replicas()}  # behind the key (KeyRequired)
 
         # --- adapter admin: the steps, then their HTTP routes -----------------------------------------------------------
         async def _admin_list(self, headers: dict, admin: bool = True) -> tuple[int, dict]:
             denied = self._admin_denied(headers, admin)
             if denied:
                 return denied
-            if api_key:  # the caller passed the ingress's rule; the engines list adapters to admins only
-                headers = {**headers, "authorization": f"Bearer {api_key}"}
+            # a caller without the key (gRPC's ListAdapters without --protect-all) never sees server paths
+            hidden = ("path",) if api_key and not bearer_key_matches(headers.get("authorization"), api_key) else ()
             merged: dict[str, dict] = {}
-            for replica_id, (status, body) in (await self._each_replica("GET", "/v1/adapters", headers)).items():
+            # the caller passed the ingress's rule; the engines list adapters to admins only
+            answers = await self._each_replica("GET", "/v1/adapters", {**headers, **self.own_headers})
+            for replica_id, (status, body) in answers.items():
                 if status != 200:
                     return status, body
                 for facts in body["adapters"]:
+                    facts = {k: v for k, v in facts.items() if k not in hidden}
                     entry = merged.setdefault(facts["name"], {**facts, "replicas": {}})
                     entry["replicas"][replica_id] = {"tiers": facts.get("tiers", []), "pinned": facts.get("pinned")}
             return 200, {"adapters": list(merged.values())}
@@ -258,9 +272,52 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
             status, body = await self._admin_unpin(self._forwarded_headers(request), name)
             return JSONResponse(body, status_code=status)
 
+    Ingress.http_app = app  # its routes, for a check that walks them
     return Ingress
 
 
 async def _rest(chunks):
     async for chunk in chunks:
         yield chunk
+
+
+async def whole_events_or_error(chunks):
+    """An engine's server-sent events, each passed on whole; a stream that breaks (the replica or its engine died) or
+    ends without the engine's `data: [DONE]` ends with an error event and `data: [DONE]`, never a bare cut."""
+    pending, done = b"", False
+    try:
+        async for chunk in chunks:
+            pending += chunk
+            *events, pending = pending.split(SSE_EVENT_END)
+            for event in events:
+                yield event + SSE_EVENT_END
+                done = event.strip() == SSE_DONE
+        failure = STREAM_ENDED_EARLY
+    except Exception as e:  # the replica raised or died; a cancelled client is not an Exception and just leaves
+        failure = replica_failure(e)
+    if done and not pending.strip():
+        return
+    # a partial event is dropped: the client gets whole JSON events only
+    body = error_body(503, failure, "ServiceUnavailableError")
+    yield b"data: " + json.dumps(body).encode() + SSE_EVENT_END
+    yield SSE_DONE + SSE_EVENT_END
+
+
+class KeyRequired:
+    """Deny by default (an ASGI middleware): a request without the key is refused 401 unless its route is public
+    (`key_required`), including routes the ingress does not have."""
+
+    def __init__(self, app, api_key: str, protect_all: bool):
+        self.app, self.api_key, self.protect_all = app, api_key, protect_all
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):  # the routed path (Serve's route prefix is "/": normally none)
+                path = path[len(root):] or "/"
+            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if key_required(path, self.protect_all) and not bearer_key_matches(authorization, self.api_key):
+                response = error(401, "missing or wrong API key (Authorization: Bearer <key>)")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)

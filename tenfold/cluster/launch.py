@@ -1,6 +1,7 @@
 """Starts a cluster: Ray (local, or an existing cluster by address), the registry actor, N engine replicas and the
-ingress on Ray Serve's HTTP proxy; runs until SIGINT/SIGTERM, then shuts Serve down (the replicas stop their
-engines)."""
+ingress on Ray Serve's HTTP proxy; runs until SIGINT/SIGTERM, then shuts Serve down (each replica stops its engine's
+process group) and stops the engine process groups that are still running (Serve's controller may not finish its
+shutdown in time)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .process_group import stop_group
 from .registry import REGISTRY_NAME, REGISTRY_NAMESPACE, ClusterRegistry
 
 # what the replicas' engines read from the environment (the Ray workers that host them do not inherit the shell's)
 FORWARDED_ENV_PREFIXES = ("VLLM_", "TENFOLD_", "HF_", "OMP_", "TRANSFORMERS_")
 # Serve's multiplexed matching timeout (ray.serve._private.constants), read when Serve is imported in a worker
 AFFINITY_TIMEOUT_ENV = "RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S"
+# a replica's stop: Serve's drain of its requests, then the engine's (replica.STOP_GRACE_SECONDS, then SIGKILL)
+REPLICA_SHUTDOWN_SECONDS = 60
+LEFTOVER_GRACE_SECONDS = 10  # engines still running after Serve's shutdown: SIGTERM, then SIGKILL
 
 
 def replica_argv(args, passthrough: list[str]) -> list[str]:
@@ -68,15 +73,13 @@ def run(args, passthrough: list[str]) -> int:
     env[AFFINITY_TIMEOUT_ENV] = repr(args.affinity_timeout)
     ray.init(address=args.ray_address, namespace=REGISTRY_NAMESPACE, runtime_env={"env_vars": env},
              include_dashboard=False, log_to_driver=False)
-    # on one machine the engines listen on loopback; across nodes each on its node's address
-    bind_host = "127.0.0.1" if args.ray_address is None else ray.util.get_node_ip_address()
     log_dir = Path(args.replica_log_dir or tempfile.mkdtemp(prefix="tenfold-cluster-"))
     registry = ray.remote(ClusterRegistry).options(name=REGISTRY_NAME, num_cpus=0).remote(list(args.pin))
     max_adapters = engine_cache_size(passthrough, ENGINE_DEFAULTS["--max-cpu-loras"])
     engines = serve.deployment(
         replica_class(max_adapters), name="tenfold-engine", num_replicas=args.replicas,
         ray_actor_options={"num_cpus": args.replica_cpus}, max_ongoing_requests=args.replica_max_ongoing,
-        health_check_period_s=2, health_check_timeout_s=60, graceful_shutdown_timeout_s=30)
+        health_check_period_s=2, health_check_timeout_s=60, graceful_shutdown_timeout_s=REPLICA_SHUTDOWN_SECONDS)
     ingress = serve.deployment(
         ingress_class(args.api_key, args.protect_all, not args.no_affinity, REGISTRY_NAME), name="tenfold-ingress",
         num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096)
@@ -86,8 +89,9 @@ def run(args, passthrough: list[str]) -> int:
 
         grpc_options = {"port": args.grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
     serve.start(http_options={"host": args.host, "port": args.port}, grpc_options=grpc_options)
-    app = ingress.bind(engines.bind(replica_argv(args, passthrough), args.api_key, bind_host, str(log_dir),
-                                    REGISTRY_NAME))
+    # a Ray started here runs on this machine only: the engines listen on loopback (else each on its node's address)
+    local = args.ray_address is None
+    app = ingress.bind(engines.bind(replica_argv(args, passthrough), args.api_key, local, str(log_dir), REGISTRY_NAME))
     serve.run(app, name="tenfold", route_prefix="/")
     routing = "off" if args.no_affinity else f"on, matching timeout {args.affinity_timeout:g}-{2 * args.affinity_timeout:g} s"
     grpc_address = f" and gRPC {args.host}:{args.grpc_port}" if args.grpc_port else ""
@@ -97,7 +101,41 @@ def run(args, passthrough: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    serve.shutdown()
+    try:
+        serve.shutdown()
+    finally:
+        stop_leftover_engines(registry)
     ray.kill(registry)
     ray.shutdown()
     return 0
+
+
+def stop_leftover_engines(registry) -> None:
+    """Stops the engine process groups that the replicas did not stop (the registry lists each until its replica has
+    stopped it): on this node directly, on another node by a task placed there."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    by_node: dict[str, list[int]] = {}
+    for node_id, pgid in ray.get(registry.engines.remote()).values():
+        by_node.setdefault(node_id, []).append(pgid)
+    here = ray.get_runtime_context().get_node_id()
+    remote = []
+    for node_id, pgids in by_node.items():
+        if node_id == here:
+            stop_groups(pgids)
+        else:
+            placed = NodeAffinitySchedulingStrategy(node_id, soft=False)
+            remote.append(ray.remote(stop_groups).options(num_cpus=0, scheduling_strategy=placed).remote(pgids))
+    try:
+        ray.get(remote, timeout=LEFTOVER_GRACE_SECONDS + 60)
+    except (ray.exceptions.RayError, TimeoutError) as e:  # a node that is gone took its engines with it
+        print(f"tenfold cluster: stopping the engines on other nodes: {e}", flush=True)
+
+
+def stop_groups(pgids: list[int]) -> None:
+    threads = [threading.Thread(target=stop_group, args=(pgid, LEFTOVER_GRACE_SECONDS)) for pgid in pgids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

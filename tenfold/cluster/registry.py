@@ -1,6 +1,7 @@
 """What every replica of one cluster must agree on, in one Ray actor: the replicas' engine URLs (admin calls that
-reach every replica), adapter paths given at runtime (a replica that loads the name later uses the same files), and
-pinned names (a replica started later pins them too; Serve's evictions never unload them)."""
+reach every replica), adapter paths given at runtime (a replica that loads the name later uses the same files),
+pinned names (a replica started later pins them too; Serve's evictions never unload them), and each replica's engine
+process group (node, group id): stopping the cluster stops what a replica did not stop itself."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class ClusterRegistry:
         self._replicas: dict[str, str] = {}
         self._paths: dict[str, str] = {}
         self._pins: set[str] = set(pins)
+        self._engines: dict[str, tuple[str, int]] = {}
 
     def add_replica(self, replica_id: str, url: str) -> None:
         self._replicas[replica_id] = url
@@ -22,6 +24,15 @@ class ClusterRegistry:
 
     def replicas(self) -> dict[str, str]:
         return dict(self._replicas)
+
+    def add_engine(self, replica_id: str, node_id: str, pgid: int) -> None:
+        self._engines[replica_id] = (node_id, pgid)
+
+    def remove_engine(self, replica_id: str) -> None:
+        self._engines.pop(replica_id, None)
+
+    def engines(self) -> dict[str, tuple[str, int]]:
+        return dict(self._engines)
 
     def path_of(self, name: str) -> str | None:
         return self._paths.get(name)

@@ -1,7 +1,10 @@
 """One tenfold engine as a Ray Serve replica.
 
 Each replica runs an ordinary `tenfold serve` process on its node (the same engine, routes, errors and metrics as a
-single server) and forwards the ingress's requests to it. Adapters are Ray Serve multiplexed models: the replica
+single server) and forwards the ingress's requests to it. The server listens on the node's address (loopback when the
+cluster is one machine), runs in a process group of its own that stopping the replica stops as a whole, and stops
+itself if the replica's process dies. An engine that stopped serving makes its requests fail as the replica's
+(503, UNAVAILABLE), not as the request's. Adapters are Ray Serve multiplexed models: the replica
 reports the adapters it holds, Serve routes a request carrying `multiplexed_model_id=<adapter>` to a replica that
 holds it, and Serve's per-replica LRU (sized to the engine's host cache, `--max-cpu-loras`) decides evictions, which
 unload the adapter from the engine so that what Serve routes by and what the engine holds stay the same (pins
@@ -22,9 +25,16 @@ import grpc
 import httpx
 from ray import serve
 
+from ..engine.parent_watch import ENV as PARENT_ENV
+from .process_group import stop_group
 from .registry import REGISTRY_NAMESPACE
 
 STARTUP_TIMEOUT_SECONDS = 900
+STOP_GRACE_SECONDS = 20  # the server's SIGTERM drain, before its process group gets SIGKILL
+HEALTH_TIMEOUT_SECONDS = 5
+# what an engine's gRPC call ends with when the engine, not the request, failed
+ENGINE_FAILURE_CODES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.CANCELLED)
 GRPC_SERVICE = "tenfold.v1.Tenfold"  # tenfold.proto's package and service
 REPLICA_HEADER = "x-tenfold-replica"
 LOADED_HEADER = "x-tenfold-adapter-loaded"  # "1": this request loaded its adapter on the replica (a miss)
@@ -36,6 +46,11 @@ class AdapterUnavailable(Exception):
     def __init__(self, status: int, body: bytes):
         super().__init__(body.decode(errors="replace"))
         self.status, self.body = status, body
+
+
+class EngineUnavailable(Exception):
+    """The replica's engine stopped serving (its process died, or its engine core did): the request is the
+    replica's failure, which the ingress answers 503 with Retry-After while Serve replaces the replica."""
 
 
 class ResidentAdapter:
@@ -54,13 +69,15 @@ class ResidentAdapter:
 class EngineReplicaBase:
     """The replica's body; `replica_class` adds Serve's multiplexed loader sized to the engine's cache."""
 
-    def __init__(self, serve_argv: list[str], api_key: str | None, bind_host: str, log_dir: str, registry_name: str):
+    def __init__(self, serve_argv: list[str], api_key: str | None, local: bool, log_dir: str, registry_name: str):
         import ray
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.api_key = api_key
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.registry = ray.get_actor(registry_name, namespace=REGISTRY_NAMESPACE)
+        # the engine listens where the ingress, on any node, reaches it: loopback when the cluster is this machine
+        bind_host = "127.0.0.1" if local else ray.util.get_node_ip_address()
         with _socket_bound(bind_host) as port, _socket_bound(bind_host) as grpc_port:
             self.url = f"http://{bind_host}:{port}"
             self.grpc_target = f"{bind_host}:{grpc_port}"
@@ -69,8 +86,17 @@ class EngineReplicaBase:
         self.log_path = Path(log_dir) / f"replica-{self.replica_id}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
-        self._wait_until_healthy()
+        # a session of its own: stopping the replica stops the server's whole process group (engine core, workers);
+        # the server stops itself if this actor's process dies without stopping it
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, PARENT_ENV: str(os.getpid())})
+        ray.get(self.registry.add_engine.remote(self.replica_id, ray.get_runtime_context().get_node_id(),
+                                                self.process.pid))
+        try:
+            self._wait_until_healthy()
+        except BaseException:
+            self.stop_engine()
+            raise
         self.client = httpx.AsyncClient(base_url=self.url, timeout=None)
         self.grpc_channel: grpc.aio.Channel | None = None  # opened on first use, in the replica's event loop
         ray.get(self.registry.add_replica.remote(self.replica_id, self.url))
@@ -91,7 +117,6 @@ class EngineReplicaBase:
             except httpx.TransportError:
                 pass
             time.sleep(1)
-        self.process.kill()
         raise RuntimeError(f"replica engine did not answer /health within {STARTUP_TIMEOUT_SECONDS} s")
 
     # --- Serve hooks -------------------------------------------------------------------------------------------------
@@ -100,14 +125,19 @@ class EngineReplicaBase:
         if self.process.poll() is not None:
             raise RuntimeError(f"the replica's engine exited with {self.process.returncode}")
 
-    def __del__(self):
+    def __del__(self):  # Serve calls it when it stops the replica (shutdown, replacement); the collector again
+        self.stop_engine()
+
+    def stop_engine(self) -> None:
+        """Stops the engine's whole process group and waits for it (at most once)."""
         process = getattr(self, "process", None)
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        if process is None or getattr(self, "engine_stopped", False):
+            return
+        self.engine_stopped = True
+        self.registry.remove_replica.remote(self.replica_id)  # admin calls no longer reach it
+        if stop_group(process.pid, STOP_GRACE_SECONDS):
+            self.registry.remove_engine.remote(self.replica_id)  # else the cluster's stop tries again
+        process.poll()  # reap the server
 
     # --- adapters ----------------------------------------------------------------------------------------------------
     async def load_adapter(self, name: str) -> ResidentAdapter:
@@ -120,7 +150,10 @@ class EngineReplicaBase:
     async def unload_evicted(self, name: str) -> None:
         pinned = await self.registry.pins.remote()
         if name not in pinned:
-            await self.client.delete(f"/v1/adapters/{name}", headers=self.headers)
+            try:
+                await self.client.delete(f"/v1/adapters/{name}", headers=self.headers)
+            except httpx.TransportError:  # the engine is gone, and its adapters with it
+                pass
 
     async def adapter_for_request(self, get_model, name: str) -> tuple[bool, bytes | None, int]:
         """Makes this request's adapter resident through Serve's multiplexer (also when the ingress routed it without
@@ -136,6 +169,28 @@ class EngineReplicaBase:
             return False, e.body, e.status
         return loaded, None, 200
 
+    # --- engine failures ---------------------------------------------------------------------------------------------
+    async def _engine_serving(self) -> bool:
+        if self.process.poll() is not None:
+            return False
+        try:
+            return (await self.client.get("/health", timeout=HEALTH_TIMEOUT_SECONDS)).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def _raise_if_engine_failed(self, status: int) -> None:
+        """A 5xx from an engine that no longer serves (vLLM answers 500 when its engine core died) is the replica's
+        failure, not the request's."""
+        if status >= 500 and not await self._engine_serving():
+            raise EngineUnavailable(f"replica {self.replica_id}: its engine stopped serving")
+
+    async def _grpc_failure(self, e: grpc.aio.AioRpcError) -> tuple[str, str]:
+        """The code and details the caller gets for an engine's gRPC error: UNAVAILABLE when the engine failed."""
+        if e.code() in ENGINE_FAILURE_CODES and not await self._engine_serving():
+            return grpc.StatusCode.UNAVAILABLE.name, (f"the replica's engine stopped serving ({e.code().name}: "
+                                                      f"{e.details()}); retry the request")
+        return e.code().name, e.details() or ""
+
     # --- forwarding --------------------------------------------------------------------------------------------------
     def _headers(self, headers: dict, loaded: bool) -> dict:
         return {**headers, REPLICA_HEADER: self.replica_id, LOADED_HEADER: "1" if loaded else "0"}
@@ -146,6 +201,7 @@ class EngineReplicaBase:
         if error is not None:
             return status, self._headers({"content-type": "application/json"}, loaded), error
         response = await self.client.request(method, path, headers=headers, content=body)
+        await self._raise_if_engine_failed(response.status_code)
         kept = {k: v for k, v in response.headers.items() if k.lower() in ("content-type", "retry-after")}
         return response.status_code, self._headers(kept, loaded), response.content
 
@@ -182,7 +238,7 @@ class EngineReplicaBase:
         try:
             payload = await self._grpc_call(method, stream=False)(request, metadata=tuple(metadata.items()))
         except grpc.aio.AioRpcError as e:
-            return self._grpc_head(loaded, e.code().name, e.details() or ""), None
+            return self._grpc_head(loaded, *await self._grpc_failure(e)), None
         return self._grpc_head(loaded), payload
 
     async def _forward_grpc_stream(self, get_model, adapter: str, method: str, request: bytes, metadata: dict):
@@ -197,18 +253,21 @@ class EngineReplicaBase:
             async for payload in call:
                 yield payload
         except grpc.aio.AioRpcError as e:
-            yield {"code": e.code().name, "details": e.details() or ""}
+            code, details = await self._grpc_failure(e)
+            yield {"code": code, "details": details}
         finally:
             call.cancel()  # the client went away: the engine aborts the request
 
     async def _forward_stream(self, get_model, adapter: str, method: str, path: str, headers: dict, body: bytes):
-        """Yields (status, headers) first, then the body's chunks as the engine sends them."""
+        """Yields (status, headers) first, then the body's chunks as the engine sends them (a connection that breaks
+        raises here: the ingress ends the stream with an error event)."""
         loaded, error, status = await self.adapter_for_request(get_model, adapter)
         if error is not None:
             yield status, self._headers({"content-type": "application/json"}, loaded)
             yield error
             return
         async with self.client.stream(method, path, headers=headers, content=body) as response:
+            await self._raise_if_engine_failed(response.status_code)
             kept = {k: v for k, v in response.headers.items() if k.lower() == "content-type"}
             yield response.status_code, self._headers(kept, loaded)
             async for chunk in response.aiter_raw():

@@ -10,8 +10,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from . import vllm_compat
+    from . import parent_watch, vllm_compat
 
+    parent_watch.install()  # an engine process stops when the process that started it is gone
     vllm_compat.install()
     _register_resolver()
     _tune_cpu_allocator()
