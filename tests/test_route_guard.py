@@ -148,3 +148,16 @@ def test_refusal_is_openai_shaped(tiny_model_dirs, monkeypatch):
                           headers={"Authorization": f"Bearer {KEY}x"})
     assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
     assert refused.json()["error"]["code"] == 401 and "API key" in refused.json()["error"]["message"]
+
+
+def test_vllm_http_tls_flags_reach_the_http_server(tiny_model_dirs, tmp_path):
+    """`tenfold serve` runs its own uvicorn (beside gRPC): vLLM's --ssl-* flags must reach it, not be parsed and
+    dropped."""
+    from tenfold.server.serve import http_transport, vllm_serve_args
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    args, passthrough = build_parser().parse_known_args(
+        ["serve", str(tiny_model_dirs["mha"]), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+         "--ssl-cert-reqs", "2"])
+    options = http_transport(vllm_serve_args(args, passthrough))
+    assert (options["ssl_certfile"], options["ssl_keyfile"], options["ssl_cert_reqs"]) == (str(cert), str(key), 2)

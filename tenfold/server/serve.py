@@ -115,11 +115,11 @@ def grpc_tls(args) -> tuple[bytes, bytes] | None:
     try:
         pems = cert.read_bytes(), key.read_bytes()
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
-    except OSError as e:
-        raise SystemExit(f"tenfold serve: --grpc-tls-cert {cert} / --grpc-tls-key {key}: {e}") from None
-    except ssl.SSLError as e:
+    except ssl.SSLError as e:  # before OSError, its base class
         raise SystemExit(f"tenfold serve: --grpc-tls-cert {cert} / --grpc-tls-key {key}: not a PEM certificate chain "
                          f"and its private key ({e.reason or e})") from None
+    except OSError as e:
+        raise SystemExit(f"tenfold serve: --grpc-tls-cert {cert} / --grpc-tls-key {key}: {e}") from None
     return pems
 
 
@@ -192,13 +192,21 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int, pins: list[
                                     log_level=vllm_args.uvicorn_log_level,
                                     access_log=not vllm_args.disable_uvicorn_access_log,
                                     timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
-                                    timeout_graceful_shutdown=HTTP_GRACE_SECONDS)
+                                    timeout_graceful_shutdown=HTTP_GRACE_SECONDS, **http_transport(vllm_args))
         try:
             await shutdown
         finally:
             sock.close()
             if grpc_server is not None:
                 await grpc_server.stop(GRPC_GRACE_SECONDS)
+
+
+def http_transport(vllm_args) -> dict:
+    """vLLM's own HTTP transport flags, as vLLM's server hands them to uvicorn: TLS (--ssl-keyfile, --ssl-certfile,
+    --ssl-ca-certs, --ssl-cert-reqs, --ssl-ciphers, --enable-ssl-refresh) and the h11 header limits."""
+    names = ("enable_ssl_refresh", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs", "ssl_ciphers",
+             "h11_max_incomplete_event_size", "h11_max_header_count")
+    return {name: getattr(vllm_args, name) for name in names}
 
 
 def _instrument(engine_client):
