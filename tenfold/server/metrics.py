@@ -3,7 +3,9 @@
 Request metrics are observed around the engine client's `generate` (so HTTP and gRPC traffic both count); load and
 unload metrics around `add_lora` / `remove_lora`; residency per adapter and tier (device slot, host cache), pins,
 tier entries and exits come from the workers' residency ledger, read at every /metrics scrape (`ResidencyTracker`).
-vLLM's own `vllm:lora_requests_info` is left as vLLM exports it.
+Family labels and sizes are the facts recorded when this process validated an adapter's version: nothing here loads
+an adapter, and what stats its files runs off the event loop. vLLM's own `vllm:lora_requests_info` is left as vLLM
+exports it.
 """
 
 from __future__ import annotations
@@ -59,13 +61,12 @@ class RequestTracker:
         self.generated = 0
 
     def settle(self, failed: bool = False) -> None:
-        name = self.lora_request.lora_name if self.lora_request else BASE
-        self._count((name, family_of(self.lora_request, self.facts_of, failed)))
+        self._count(family_of(self.lora_request, self.facts_of, failed))
 
-    def _count(self, labels: tuple[str, str]) -> None:
+    def _count(self, family: str) -> None:
         if self.labels is None:
-            self.labels = labels
-            REQUESTS.labels(*labels).inc()
+            self.labels = (self.lora_request.lora_name if self.lora_request else BASE, family)
+            REQUESTS.labels(*self.labels).inc()
 
     def output(self, output) -> None:
         self.prompt_tokens = len(output.prompt_token_ids or [])
@@ -79,8 +80,7 @@ class RequestTracker:
         ERRORS.labels(*self.labels).inc()
 
     def done(self) -> None:
-        self._count((self.lora_request.lora_name if self.lora_request else BASE,
-                     BASE if self.lora_request is None else PENDING))
+        self._count(BASE if self.lora_request is None else PENDING)  # cancelled before its first output
         PROMPT_TOKENS.labels(*self.labels).inc(self.prompt_tokens)
         GENERATED_TOKENS.labels(*self.labels).inc(self.generated)
         E2E.labels(*self.labels).observe(time.perf_counter() - self.start)
