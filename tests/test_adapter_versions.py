@@ -268,3 +268,63 @@ def test_a_failed_load_leaves_no_version_behind(specs, tmp_path):
     versions = engine._tenfold_versions
     assert versions.live_versions() == 0 and not list(versions.root.iterdir())
     versions.close()
+
+
+def test_a_refused_version_is_copied_and_checked_once(table, specs, tmp_path):
+    """A flood of requests for one bad adapter: the first admission copies and checks it, the rest are refused from
+    memory with the same message (and leave nothing on disk); a rewrite is a new version, checked anew."""
+    versions, _, validated = table
+    adapter = make("miss", specs["mha"], seed=13)
+    next(iter(adapter.tensors().values())).data[0, 0] = float("inf")
+    save_adapter(adapter, tmp_path / "bad")
+    messages = set()
+    for _ in range(20):
+        with pytest.raises(AdapterError) as refused:
+            versions.admit(request(tmp_path / "bad"))
+        messages.add(str(refused.value))
+    assert len(validated) == 1 and len(messages) == 1 and str(tmp_path / "bad") in messages.pop()
+    assert not list(versions.root.iterdir()) and versions.live_versions() == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "bad")
+    save_adapter(make("miss", specs["mha"], seed=14), tmp_path / "bad")
+    assert versions.admit(request(tmp_path / "bad")).lora_int_id >= ENGINE_ID_BASE
+    assert len(validated) == 2
+
+
+def test_snapshots_are_removed_at_exit_and_stale_ones_at_start(specs, tmp_path):
+    """A process that exits normally leaves no snapshot behind; one killed before it could clean up leaves its
+    directory, which the next table removes (a live process's directory is left alone)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    save_adapter(make("lora", specs["mha"], seed=15), tmp_path / "a")
+    script = (
+        "import sys, time\n"
+        "from vllm.lora.request import LoRARequest\n"
+        "from tenfold.engine.versions import AdapterVersions\n"
+        "versions = AdapterVersions(lambda path: None, lambda freed: None)\n"
+        f"bound = versions.admit(LoRARequest('a', 1, {str(tmp_path / 'a')!r}))\n"
+        "print(versions.root, flush=True)\n"
+        "if sys.argv[1] == 'wait':\n"
+        "    time.sleep(600)\n")
+    normal = subprocess.run([sys.executable, "-c", script, "exit"], capture_output=True, text=True, check=True)
+    assert not Path(normal.stdout.strip()).exists(), "removed at interpreter exit"
+    killed = subprocess.Popen([sys.executable, "-c", script, "wait"], stdout=subprocess.PIPE, text=True)
+    root = Path(killed.stdout.readline().strip())
+    assert root.is_dir() and any(root.iterdir())
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert root.is_dir(), "a killed process cannot clean up"
+    mine = Path(tempfile.mkdtemp(prefix=f"tenfold-adapter-versions-{os.getpid()}-"))
+    versions = AdapterVersions(lambda path: None, lambda freed: None)
+    try:
+        assert not root.exists(), "the dead process's snapshots are removed when the next table starts"
+        assert mine.is_dir(), "a live process's directory is not touched"
+    finally:
+        versions.close()
+        mine.rmdir()
+    assert not versions.root.exists()

@@ -11,6 +11,14 @@ The rules (README, "Adapter lifecycle under traffic"):
   already admitted finish on their version, and a retired version's worker slot, host copy and snapshot are freed
   when its last request ends (at once when none is in flight).
 
+Disk: snapshots live under one directory per table (`tenfold-adapter-versions-<pid>-*` in the temporary directory),
+removed by `close`, when the table is collected, or when the interpreter exits (a SIGTERM'd `tenfold serve` exits
+normally); directories of processes that are gone are removed when the next table starts. A snapshot lives while its
+version is the current one of a registered adapter or has requests in flight.
+
+Refusals: a version that failed validation is remembered (`REFUSALS` of them), so a flood of requests for one bad
+adapter costs one copy and one check.
+
 Ids: the front end (vLLM's OpenAI server, tenfold serve, or an offline user) names adapters with "user ids"; this
 module gives each (user id, version) an engine id from its own range, so versions never share a worker slot.
 Thread-safe: admission runs off the event loop (it reads files); the output processor reports request ends.
@@ -19,10 +27,13 @@ Thread-safe: admission runs off the event loop (it reads files); the output proc
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import tempfile
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +44,8 @@ ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)
 ENGINE_ID_BASE = 1 << 30  # vLLM's own counter starts at 1: engine ids never collide with user ids
 SNAPSHOT_ATTEMPTS = 20  # a copy taken while the files were being rewritten is retried
 SNAPSHOT_RETRY_SECONDS = 0.05
+ROOT_PREFIX = "tenfold-adapter-versions-"
+REFUSALS = 4096  # refused versions remembered per table
 
 
 @dataclass
@@ -60,7 +73,11 @@ class AdapterVersions:
         self._retired_users: set[int] = set()
         self._engine_ids = itertools.count(ENGINE_ID_BASE)
         self._admission_locks: dict[int, threading.Lock] = {}
-        self.root = Path(tempfile.mkdtemp(prefix="tenfold-adapter-versions-"))
+        self._refused: OrderedDict[tuple[Path, str], Exception] = OrderedDict()  # (source, fingerprint) -> error
+        remove_stale_roots()
+        self.root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
+        # removes the snapshots when the table is closed, collected, or the interpreter exits
+        self._removal = weakref.finalize(self, shutil.rmtree, str(self.root), True)
 
     # --- admission -------------------------------------------------------------------------------------------------
     def admit(self, lora_request, reserve: bool = True):
@@ -80,7 +97,9 @@ class AdapterVersions:
         if version is not None:
             return _bound(msgspec, lora_request, version)
         with self._user_lock(user_id):  # one snapshot per new version, however many requests arrive at once
-            version = self._reuse(user_id, fingerprint(source), reserve)
+            version_now = fingerprint(source)
+            self._raise_if_refused(source, version_now)
+            version = self._reuse(user_id, version_now, reserve)
             if version is not None:  # bound by the admission this one waited for
                 return _bound(msgspec, lora_request, version)
             engine_id = next(self._engine_ids)
@@ -114,9 +133,35 @@ class AdapterVersions:
         with self._lock:
             return self._admission_locks.setdefault(user_id, threading.Lock())
 
+    def _raise_if_refused(self, source: Path, version: str) -> None:
+        with self._lock:
+            error = self._refused.get((source, version))
+        if error is not None:
+            raise type(error)(str(error))
+
+    def refusal_of(self, source) -> Exception | None:
+        """Why the version now at `source` was refused, if it was (no read of the files)."""
+        from ..adapters.checkpoint import fingerprint
+
+        source = Path(source).resolve()
+        try:
+            version = fingerprint(source)
+        except OSError:
+            return None
+        with self._lock:
+            return self._refused.get((source, version))
+
+    def _refuse(self, source: Path, version: str, error: Exception) -> None:
+        with self._lock:
+            self._refused[(source, version)] = error
+            while len(self._refused) > REFUSALS:
+                self._refused.popitem(last=False)
+
     def _snapshot(self, source: Path, engine_id: int) -> tuple[Path, str]:
         """A validated copy of the version now on disk, taken when the files did not change during the copy."""
+        from ..adapters import AdapterError
         from ..adapters.checkpoint import fingerprint
+        from .loader import note_snapshot
 
         target = self.root / f"{engine_id}-{source.name}"
         for _ in range(SNAPSHOT_ATTEMPTS):
@@ -140,6 +185,7 @@ class AdapterVersions:
                 time.sleep(SNAPSHOT_RETRY_SECONDS)
                 continue
             staging.rename(target)
+            note_snapshot(target, source, before)
             try:
                 self._validate(target)
             except Exception as e:
@@ -148,8 +194,10 @@ class AdapterVersions:
                     time.sleep(SNAPSHOT_RETRY_SECONDS)
                     continue
                 if str(target) in str(e):  # name the user's directory, not the snapshot
-                    raise type(e)(str(e).replace(str(target), str(source))) from None
-                raise
+                    e = type(e)(str(e).replace(str(target), str(source)))
+                if isinstance(e, AdapterError):
+                    self._refuse(source, before, e)
+                raise e from None
             return target, before
         raise RuntimeError(f"adapter files under {source} kept changing while being read; try again")
 
@@ -239,7 +287,25 @@ class AdapterVersions:
             return len(self._versions)
 
     def close(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._removal()
+
+
+def remove_stale_roots() -> None:
+    """Remove the snapshot directories of processes that are gone (killed before they could clean up)."""
+    for root in Path(tempfile.gettempdir()).glob(f"{ROOT_PREFIX}*"):
+        pid = root.name.removeprefix(ROOT_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and root.is_dir() and not root.is_symlink():
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _bound(msgspec, lora_request, version: Version):

@@ -32,10 +32,11 @@ their modules, and the vLLM 0.32 symbols each one replaces:
    unload route goes through it; the engine client frees it
    once its requests in flight have finished (7).
 7. Adapter lifecycle (`lifecycle`; `AsyncLLM` and `LLMEngine`: `add_request`, `add_lora`, `remove_lora`, `list_loras`;
-   `OutputProcessor`: `add_request`, `_finish_request`, `abort_requests`; `BaseServing._maybe_get_adapters`): engine
-   clients admit adapter requests through `versions.AdapterVersions` (an immutable snapshot and an engine id per
-   adapter version, freed when unloaded and idle), and vLLM's OpenAI front end resolves a name again from the adapter
-   root when an unload raced its lookup.
+   `OutputProcessor`: `add_request`, `_finish_request`, `abort_requests`; `BaseServing._maybe_get_adapters`;
+   `OpenAIServingModels.resolve_lora`): engine clients admit adapter requests through `versions.AdapterVersions` (an
+   immutable snapshot and an engine id per adapter version, freed when unloaded and idle), vLLM's OpenAI front end
+   resolves a name again from the adapter root when an unload raced its lookup, and a name found under the root but
+   refused says why (vLLM only says it "could not be loaded").
 8. Native execution (`native_execution`; TENFOLD_MODE=native, the default; `lora.utils._all_lora_classes`,
    `model_manager.is_supported_lora_module`, and in `LoRAModelManager`: `_create_lora_modules`, `_add_adapter`,
    `activate_adapter`, `_deactivate_adapter`, `remove_all_adapters`, `_set_adapter_mapping`, `create_dummy_lora`):

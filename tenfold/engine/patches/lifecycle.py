@@ -35,7 +35,7 @@ def replacements() -> list[Replacement]:
         return versions
 
     def refused(lora_request, e: Exception) -> VLLMValidationError:
-        return VLLMValidationError(f"adapter {lora_request.lora_name!r} cannot be served: {e}",
+        return VLLMValidationError(f"adapter {lora_request.lora_name!r} cannot be served: {_without_root(e)}",
                                    parameter="lora_request", value=lora_request.lora_name)
 
     # AsyncLLM: admission off the event loop; frees run as tasks on the loop that owns the engine client
@@ -177,6 +177,7 @@ def replacements() -> list[Replacement]:
         *replacing(OutputProcessor, add_request=add_request, _finish_request=_finish_request,
                    abort_requests=abort_requests),
         *_resolution_race(VLLMNotFoundError),
+        *_resolution_refusals(),
     ]
 
 
@@ -186,6 +187,47 @@ def _user_ids(engine, engine_ids) -> set[int]:
     if versions is None:
         return set(engine_ids)
     return {user if (user := versions.user_of(i)) is not None else i for i in engine_ids}
+
+
+def _without_root(error: Exception) -> str:
+    """An error's message with the adapter root's path written as <adapter-root>: tenants see their adapter's place in
+    the root, nothing of the server's layout."""
+    from ..resolver import root_from_env
+
+    root = root_from_env()
+    return str(error).replace(str(root.resolve()), "<adapter-root>") if root is not None else str(error)
+
+
+def _resolution_refusals() -> list[Replacement]:
+    """vLLM answers a name its resolvers found but could not load with "was found but could not be loaded" and logs
+    the reason: say why instead (the admission's refusal, remembered per version)."""
+    from http import HTTPStatus
+
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve import create_error_response
+
+    from ..resolver import InvalidAdapterName, adapter_path, root_from_env
+
+    original = OpenAIServingModels.resolve_lora
+
+    async def resolve_lora(self, lora_name: str):
+        result = await original(self, lora_name)
+        versions = getattr(self.engine_client, "_tenfold_versions", None)
+        root = root_from_env()
+        if not (isinstance(result, ErrorResponse) and result.error.code == HTTPStatus.BAD_REQUEST.value
+                and versions is not None and root is not None):
+            return result
+        try:
+            refusal = versions.refusal_of(adapter_path(root, lora_name))
+        except InvalidAdapterName:
+            return result
+        if refusal is None:
+            return result
+        return create_error_response(message=f"adapter {lora_name!r} cannot be served: {_without_root(refusal)}",
+                                     err_type="BadRequestError", status_code=HTTPStatus.BAD_REQUEST)
+
+    return [Replacement(OpenAIServingModels, "resolve_lora", resolve_lora)]
 
 
 def _resolution_race(not_found) -> list[Replacement]:
