@@ -28,8 +28,8 @@ def every_task():
 
     from vllm.tasks import FRONTEND_TASKS, GENERATION_TASKS, POOLING_TASKS
 
-    config = types.SimpleNamespace(get_pooling_task=lambda tasks: "embed", hf_config=types.SimpleNamespace(num_labels=1),
-                                   io_processor_plugin=None, architecture="LlamaForCausalLM")
+    config = types.SimpleNamespace(get_pooling_task=lambda tasks: "embed", io_processor_plugin=None,
+                                   hf_config=types.SimpleNamespace(num_labels=1), architecture="LlamaForCausalLM")
     return GENERATION_TASKS + POOLING_TASKS + FRONTEND_TASKS, config
 
 
@@ -140,6 +140,14 @@ def test_cors_preflight_passes_and_plain_options_does_not(tiny_model_dirs, monke
                                                        "Access-Control-Request-Method": "GET"})
     assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == "https://app.example"
     assert client.options("/v1/adapters").status_code == 401
+
+
+def test_the_key_counts_only_as_a_bearer_credential(tiny_model_dirs, monkeypatch):
+    client = TestClient(serve_app(tiny_model_dirs, monkeypatch), raise_server_exceptions=False)
+    for authorization in (KEY, f"Basic {KEY}", f"Bearer {KEY[:-1]}", f"Bearer {KEY}x", "Bearer", ""):
+        assert client.get("/version", headers={"Authorization": authorization}).status_code == 401, authorization
+    for authorization in (f"Bearer {KEY}", f"bearer {KEY}", f"Bearer  {KEY} "):
+        assert client.get("/version", headers={"Authorization": authorization}).status_code == 200, authorization
 
 
 def test_refusal_is_openai_shaped(tiny_model_dirs, monkeypatch):

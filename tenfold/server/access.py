@@ -1,9 +1,9 @@
-"""Who may call what over HTTP: with --api-key, every route of the app needs the key except the routes named here.
+"""Who may call what, over HTTP and gRPC: with --api-key, every route needs the key except the ones named here.
 
-Deny by default: a route is open only if its routed path (the app's --root-path stripped, as the router strips it)
-is listed below (gRPC: its method), so a route a future vLLM adds, or one tenfold forgot, needs the key. `HEALTH` is open always;
-`SERVING` is open unless --protect-all. Everything else (adapter admin, vLLM's own admin and utility routes, docs)
-is admin: the key is required whenever one is set. Without --api-key every route is open.
+Deny by default: a route is open only if its routed path (the app's --root-path stripped, as the router strips it;
+gRPC: its method) is listed below, so a route a future vLLM adds, or one tenfold forgot, needs the key. `HEALTH` is
+open always, `SERVING` unless --protect-all. Everything else (adapter admin, vLLM's own admin and utility routes,
+docs) is admin: it needs the key whenever one is set. Without --api-key every route is open.
 """
 
 from __future__ import annotations

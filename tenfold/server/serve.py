@@ -216,9 +216,9 @@ def _instrument(engine_client):
     from vllm.sampling_params import RequestOutputKind
 
     from ..adapters.spec import served_spec
+    from ..engine.loader import recorded_facts
     from . import metrics
     from .instrument import instrument_engine_client
-    from .recorded_facts_shim import recorded_facts  # until engine.loader has it
 
     spec = served_spec(engine_client.vllm_config.model_config.hf_config)
     tensor_parallel_size = engine_client.vllm_config.parallel_config.tensor_parallel_size
