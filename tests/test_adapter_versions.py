@@ -199,6 +199,9 @@ def _engine_stand_in(validate, fail_loads: bool = False):
             self.removed.append(lora_id)
             return True
 
+        async def collective_rpc_async(self, method, timeout=None, args=(), kwargs=None):
+            return [None]  # the workers' calls (an unload unpins the name): no worker here
+
         def shutdown(self, timeout=None):
             pass
 

@@ -90,6 +90,20 @@ def test_models_list_carries_adapter_facts(server):
     assert "adapter" not in cards["base"]
 
 
+def test_listings_show_server_paths_only_with_the_key(server, tiny_model_dirs):
+    """/v1/models is open (no --protect-all): vLLM's cards name each adapter's directory and the model's in `root`,
+    tenfold's facts the adapter's path; without the key neither is shown."""
+    anonymous = httpx.get(f"{server['url']}/v1/models")
+    assert anonymous.status_code == 200 and "support" in anonymous.text
+    for secret in (str(server["root"].parent), str(tiny_model_dirs["mha"])):
+        assert secret not in anonymous.text
+    cards = {m["id"]: m for m in anonymous.json()["data"]}
+    assert cards["support"]["root"] is None and "path" not in cards["support"]["adapter"]
+    keyed = {m["id"]: m for m in httpx.get(f"{server['url']}/v1/models", headers=ADMIN).json()["data"]}
+    assert keyed["support"]["adapter"]["path"] == keyed["support"]["root"]
+    assert keyed["support"]["root"].endswith("support")
+
+
 def test_admin_needs_the_key(server):
     url = f"{server['url']}/v1/adapters"
     assert httpx.get(url).status_code == 401
@@ -97,6 +111,26 @@ def test_admin_needs_the_key(server):
     assert httpx.post(f"{server['url']}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": "x"}
                       ).status_code == 401
     assert httpx.get(url, headers=ADMIN).status_code == 200
+
+
+def test_every_other_route_needs_the_key(server):
+    """Deny by default on the real server (--api-key without --protect-all): vLLM's SageMaker routes are not mounted
+    (their /adapters loaded any path and unloaded without the key), and routes outside tenfold's open lists need the
+    key; health, serving and /metrics stay open."""
+    url = server["url"]
+    assert httpx.delete(f"{url}/adapters/support").status_code == 401
+    assert httpx.delete(f"{url}/adapters/support", headers=ADMIN).status_code == 404
+    assert httpx.post(f"{url}/adapters", json={"name": "evil", "src": "/etc"}).status_code == 401
+    assert httpx.post(f"{url}/invocations", json={"model": "base", "prompt": "x", "max_tokens": 2}).status_code == 401
+    assert httpx.post(f"{url}/invocations", json={"model": "base", "prompt": "x", "max_tokens": 2},
+                      headers=ADMIN).status_code == 404
+    for method, path in (("GET", "/version"), ("GET", "/openapi.json"), ("POST", "/v1/responses"),
+                         ("POST", "/v1/unload_lora_adapter"), ("DELETE", "/v1/adapters/support/pin")):
+        assert httpx.request(method, f"{url}{path}").status_code == 401, path
+    assert httpx.get(f"{url}/version", headers=ADMIN).status_code == 200
+    for path in ("/health", "/ping", "/metrics", "/v1/models"):
+        assert httpx.get(f"{url}{path}").status_code == 200, path
+    assert "support" in {m.id for m in server["client"].models.list().data}, "nothing was unloaded"
 
 
 @pytest.mark.parametrize("body, status, message", [
@@ -129,6 +163,20 @@ def test_load_use_unload_cycle(server, hf_models):
     assert httpx.delete(f"{url}/late", headers=ADMIN).status_code == 200
     assert httpx.delete(f"{url}/late", headers=ADMIN).status_code == 404
     assert "late" not in {a["name"] for a in httpx.get(url, headers=ADMIN).json()["adapters"]}
+
+
+def test_every_unload_route_clears_the_pin(server):
+    """vLLM's own /v1/unload_lora_adapter unpins too: the name loaded again is not pinned."""
+    url = f"{server['url']}/v1/adapters"
+    path = str(server["root"] / "legal")
+    assert httpx.post(url, json={"name": "pinned_once", "path": path}, headers=ADMIN, timeout=120).status_code == 200
+    assert httpx.post(f"{url}/pinned_once/pin", headers=ADMIN, timeout=120).json()["pinned"]
+    unloaded = httpx.post(f"{server['url']}/v1/unload_lora_adapter", json={"lora_name": "pinned_once"}, headers=ADMIN,
+                          timeout=120)
+    assert unloaded.status_code == 200, unloaded.text
+    again = httpx.post(url, json={"name": "pinned_once", "path": path}, headers=ADMIN, timeout=120)
+    assert again.status_code == 200 and again.json()["pinned"] is False, again.text
+    assert httpx.delete(f"{url}/pinned_once", headers=ADMIN, timeout=120).status_code == 200
 
 
 # --- gRPC ----------------------------------------------------------------------------------------------------------
@@ -193,7 +241,10 @@ def test_grpc_admin_and_errors(stub):
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     loaded = client.LoadAdapter(pb.LoadAdapterRequest(name="late"), metadata=auth, timeout=120)
     assert loaded.family == "loretta_rep" and loaded.rank == 8
-    assert "late" in {a.name for a in client.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters}
+    anonymous = {a.name: a for a in client.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters}
+    assert anonymous["late"].family == "loretta_rep" and not any(a.path for a in anonymous.values())
+    keyed = {a.name: a for a in client.ListAdapters(pb.ListAdaptersRequest(), metadata=auth, timeout=60).adapters}
+    assert keyed["late"].path.endswith("/late")
     codes = {"../x": grpc.StatusCode.INVALID_ARGUMENT, "absent": grpc.StatusCode.NOT_FOUND,
              "late": grpc.StatusCode.ALREADY_EXISTS, "huge": grpc.StatusCode.RESOURCE_EXHAUSTED,
              "broken": grpc.StatusCode.INVALID_ARGUMENT}

@@ -28,7 +28,8 @@ their modules, and the vLLM 0.32 symbols each one replaces:
    engine id (vLLM's set of LoRARequests compares by name and lost one of two versions in flight), and the native slot
    store never evicts them during the step.
 6. Unloading (`unload`; `OpenAIServingModels.unload_lora_adapter`, `OpenAIServingModels.__init__`): the unload
-   endpoint also removes the adapter from the engine (vLLM 0.32 only forgets the name); the engine client frees it
+   endpoint also unpins the name and removes the adapter from the engine (vLLM 0.32 only forgets the name); every
+   unload route goes through it; the engine client frees it
    once its requests in flight have finished (7).
 7. Adapter lifecycle (`lifecycle`; `AsyncLLM` and `LLMEngine`: `add_request`, `add_lora`, `remove_lora`, `list_loras`;
    `OutputProcessor`: `add_request`, `_finish_request`, `abort_requests`; `BaseServing._maybe_get_adapters`;

@@ -3,6 +3,7 @@ name -> LoRARequest lookup generation needs. Errors carry an HTTP status; gRPC m
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -42,10 +43,15 @@ def resolve_runtime_path(settings: ServeSettings, name: str, path: str | None) -
     return resolved
 
 
+# the family of an adapter whose current version this process has not validated yet (its next request or load does)
+PENDING = "pending"
+
+
 class AdapterAdmin:
-    def __init__(self, app_state, settings: ServeSettings):
+    def __init__(self, app_state, settings: ServeSettings, facts_of):
         self.state = app_state
         self.settings = settings
+        self.facts_of = facts_of  # path -> the recorded AdapterFacts of its current version, or None; never loads
 
     @property
     def models(self):
@@ -56,26 +62,17 @@ class AdapterAdmin:
         return (await self.state.engine_client.collective_rpc("tenfold_residency"))[0]
 
     async def describe(self, lora, residency: dict | None = None) -> dict:
-        from ..engine.loader import adapter_facts
-        from ..adapters.spec import served_spec
+        """One adapter's card, path included (for admins)."""
+        [facts] = await asyncio.to_thread(lambda: [self.facts_of(lora.lora_path)])
+        return _card(lora, residency or await self.residency(), facts, with_paths=True)
 
-        residency = residency or await self.residency()
-        held = residency["adapters"].get(lora.lora_name, {})
-        facts = {"name": lora.lora_name, "path": lora.lora_path,
-                 "residency": "worker" if held.get("tiers") else "registered", "tiers": held.get("tiers", []),
-                 "pinned": lora.lora_name in residency["pinned"]}
-        try:
-            vllm_config = self.state.vllm_config
-            adapter = adapter_facts(lora.lora_path, served_spec(vllm_config.model_config.hf_config),
-                                    tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size)
-            facts.update(family=adapter.family, rank=adapter.rank, params=adapter.params, bytes=adapter.nbytes)
-        except Exception as e:  # a listing never fails because one adapter went bad on disk
-            facts["error"] = str(e)
-        return facts
-
-    async def list(self) -> list[dict]:
+    async def list(self, with_paths: bool) -> list[dict]:
+        """Every registered adapter's card; `with_paths` only for admins (a path tells where the server keeps files).
+        Facts are the recorded ones (a stat per adapter, off the event loop): a listing never reads an adapter."""
+        loras = list(self.models.lora_requests.values())
         residency = await self.residency()
-        return [await self.describe(lora, residency) for lora in list(self.models.lora_requests.values())]
+        facts = await asyncio.to_thread(lambda: [self.facts_of(lora.lora_path) for lora in loras])
+        return [_card(lora, residency, f, with_paths) for lora, f in zip(loras, facts)]
 
     async def pin(self, name: str) -> dict:
         """Loads the adapter into the workers (by name from the adapter root if needed) and pins it in their cache:
@@ -118,8 +115,6 @@ class AdapterAdmin:
 
         if name not in self.models.lora_requests:
             raise AdminError(HTTPStatus.NOT_FOUND, f"adapter {name!r} is not loaded")
-        if name in (await self.residency())["pinned"]:  # an unloaded name is not pinned when it loads again
-            await self.state.engine_client.collective_rpc("tenfold_pin", args=(name, False))
         result = await self.models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
         if not isinstance(result, str):
             raise AdminError(HTTPStatus(result.error.code), result.error.message)
@@ -134,3 +129,16 @@ class AdapterAdmin:
         if not hasattr(result, "lora_int_id"):
             raise AdminError(HTTPStatus(result.error.code), result.error.message)
         return result
+
+
+def _card(lora, residency: dict, facts, with_paths: bool) -> dict:
+    held = residency["adapters"].get(lora.lora_name, {})
+    card = {"name": lora.lora_name, "residency": "worker" if held.get("tiers") else "registered",
+            "tiers": held.get("tiers", []), "pinned": lora.lora_name in residency["pinned"]}
+    if with_paths:
+        card["path"] = lora.lora_path
+    if facts is None:
+        card["family"] = PENDING
+    else:
+        card.update(family=facts.family, rank=facts.rank, params=facts.params, bytes=facts.nbytes)
+    return card

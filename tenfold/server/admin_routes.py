@@ -1,5 +1,6 @@
-"""HTTP additions to vLLM's OpenAI app: adapter admin (REST /v1/adapters), adapter facts in /v1/models, API-key
-protection of admin routes, and path/name rules for vLLM's own /v1/load_lora_adapter.
+"""HTTP additions to vLLM's OpenAI app: adapter admin (REST /v1/adapters), adapter facts in /v1/models, the access
+guard (`access.py`), path/name rules for vLLM's own /v1/load_lora_adapter, and the removal of vLLM's SageMaker
+adapter and invocation routes.
 
 Status codes: 400 unusable adapter or malformed request, 401 missing/wrong key, 404 unknown adapter or path,
 409 name already loaded or no room to pin, 413 adapter over the size limit.
@@ -7,18 +8,17 @@ Status codes: 400 unusable adapter or malformed request, 401 missing/wrong key, 
 
 from __future__ import annotations
 
-from http import HTTPStatus
-
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 
+from .access import AccessGuard, error, is_admin
 from .adapter_admin import AdapterAdmin, AdminError, ServeSettings, resolve_runtime_path
-from .api_key import bearer_key_matches
 
-ADMIN_PATHS = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+# vLLM mounts SageMaker's routes because `tenfold serve` turns runtime LoRA updating on: `/adapters` loads any path
+# (no --adapter-root, no name rules) and `/invocations` is a second door to generation; tenfold serves neither
+UNMOUNTED = {"/adapters", "/adapters/{adapter_name}", "/invocations"}
 
 
 class LoadAdapter(BaseModel):
@@ -26,18 +26,17 @@ class LoadAdapter(BaseModel):
     path: str | None = None
 
 
-def error(status: HTTPStatus, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": status.phrase, "code": status.value}},
-                        status_code=status.value)
-
-
 def install(app: FastAPI, admin: AdapterAdmin, residency=None) -> None:
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+    from vllm.entrypoints.serve.utils.api_utils import validate_json_request
+
     settings: ServeSettings = admin.settings
     router = APIRouter()
 
     @router.get("/v1/adapters")
     async def list_adapters():
-        return {"adapters": await admin.list()}
+        return {"adapters": await admin.list(with_paths=True)}
 
     async def answered(call, done=None):
         """The admin call's result (or `done` once it returned), or its AdminError as an HTTP error."""
@@ -64,36 +63,57 @@ def install(app: FastAPI, admin: AdapterAdmin, residency=None) -> None:
         return await answered(admin.unpin(name), {"unpinned": name})
 
     @router.get("/v1/models")
-    async def list_models():
+    async def list_models(request: Request):
+        with_paths = is_admin(request.headers.get("authorization"), settings.api_key)
         listing = (await admin.models.show_available_models()).model_dump()
-        by_name = admin.models.lora_requests
+        described = {a["name"]: a for a in await admin.list(with_paths=with_paths)}
         for card in listing["data"]:
-            if card["id"] in by_name:
-                card["adapter"] = await admin.describe(by_name[card["id"]])
+            if not with_paths:
+                card["root"] = None  # vLLM's cards name the model's and each adapter's directory
+            if card["id"] in described:
+                card["adapter"] = described[card["id"]]
         return listing
 
-    app.include_router(router)
-    # our /v1/models must win over vLLM's, which was registered first
-    ours = [r for r in app.router.routes if getattr(r, "endpoint", None) is list_models]
-    app.router.routes[:] = ours + [r for r in app.router.routes if r not in ours]
+    @router.post("/v1/load_lora_adapter", dependencies=[Depends(validate_json_request)])
+    async def load_lora_adapter(request: LoadLoRAAdapterRequest):
+        """vLLM's route, with tenfold's name rules and --adapter-root confinement."""
+        try:
+            resolve_runtime_path(settings, request.lora_name, request.lora_path or None)
+        except AdminError as e:
+            return error(e.status, str(e))
+        response = await admin.models.load_lora_adapter(request)
+        if isinstance(response, ErrorResponse):
+            return JSONResponse(response.model_dump(), status_code=response.error.code)
+        return Response(status_code=200, content=response)
 
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if path == "/metrics" and residency is not None:
-            await residency.refresh()
-        if settings.api_key and path.startswith("/v1") and (path.startswith(ADMIN_PATHS) or settings.protect_all):
-            if not bearer_key_matches(request.headers.get("authorization"), settings.api_key):
-                return error(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Bearer <key>)")
-        if path == "/v1/load_lora_adapter" and request.method == "POST":
-            try:
-                body = await request.json()
-                resolve_runtime_path(settings, str(body.get("lora_name", "")), body.get("lora_path") or None)
-            except AdminError as e:
-                return error(e.status, str(e))
-            except (ValueError, AttributeError):
-                return error(HTTPStatus.BAD_REQUEST, "malformed JSON body")
-        return await call_next(request)
+    ours = [(route.path, method) for route in router.routes for method in route.methods]
+    app.router.routes[:] = [r for r in app.router.routes if not _replaced(r, ours)]
+    app.include_router(router)
 
     # vLLM's app has already built its middleware stack: add ours outermost and let Starlette rebuild it lazily
-    app.user_middleware.insert(0, Middleware(BaseHTTPMiddleware, dispatch=guard))
+    if residency is not None:
+        app.user_middleware.insert(0, Middleware(RefreshBeforeScrape, residency=residency))
+    app.user_middleware.insert(0, Middleware(AccessGuard, api_key=settings.api_key, protect_all=settings.protect_all))
     app.middleware_stack = None
+
+
+def _replaced(route, ours: list[tuple[str, str]]) -> bool:
+    """Whether a route of vLLM's app is unmounted, or replaced by one of ours (same path and method)."""
+    path = getattr(route, "path", None)
+    methods = getattr(route, "methods", None) or ()
+    return path in UNMOUNTED or any((path, method) in ours for method in methods)
+
+
+class RefreshBeforeScrape:
+    """ASGI middleware: a /metrics scrape first reads the workers' residency ledger (`metrics.ResidencyTracker`)."""
+
+    def __init__(self, app, residency):
+        self.app = app
+        self.residency = residency
+
+    async def __call__(self, scope, receive, send):
+        from starlette._utils import get_route_path
+
+        if scope["type"] == "http" and get_route_path(scope).startswith("/metrics"):
+            await self.residency.refresh()
+        await self.app(scope, receive, send)

@@ -7,6 +7,7 @@ import hmac
 
 
 def bearer_key_matches(authorization: str | None, key: str) -> bool:
-    """Whether an `Authorization` value (HTTP header or gRPC metadata) carries `Bearer <key>`."""
-    supplied = (authorization or "").removeprefix("Bearer ").strip()
-    return hmac.compare_digest(supplied.encode(), key.encode())
+    """Whether an `Authorization` value (HTTP header or gRPC metadata) is `Bearer <key>` (the scheme is required,
+    in any case, as RFC 9110 has it)."""
+    scheme, _, supplied = (authorization or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(supplied.strip().encode(), key.encode())

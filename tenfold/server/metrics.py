@@ -3,14 +3,19 @@
 Request metrics are observed around the engine client's `generate` (so HTTP and gRPC traffic both count); load and
 unload metrics around `add_lora` / `remove_lora`; residency per adapter and tier (device slot, host cache), pins,
 tier entries and exits come from the workers' residency ledger, read at every /metrics scrape (`ResidencyTracker`).
-vLLM's own `vllm:lora_requests_info` is left as vLLM exports it.
+Family labels and sizes are the facts recorded when this process validated an adapter's version: nothing here loads
+an adapter, and what stats its files runs off the event loop. vLLM's own `vllm:lora_requests_info` is left as vLLM
+exports it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+from .adapter_admin import PENDING
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BASE = "base"
@@ -31,27 +36,37 @@ VERSIONS = Gauge("tenfold_adapter_versions", "Adapter versions the engine holds:
                  "plus retired ones (unloaded or rewritten) that requests in flight still use")
 
 
-def family_of(lora_request, facts_of) -> str:
-    """`facts_of(path)`: the engine's cached `adapter_facts` for its served model and tensor-parallel size."""
+def family_of(lora_request, facts_of, failed: bool = False) -> str:
+    """The family label: `facts_of(path)` gives the facts recorded when this process validated the adapter's current
+    version (None when it has not: `pending`, or `invalid` for a request that failed). Never loads an adapter."""
     if lora_request is None:
         return BASE
-    try:
-        return facts_of(lora_request.lora_path).family
-    except Exception:  # an adapter that fails validation is still counted, as an error
-        return "invalid"
+    facts = facts_of(lora_request.lora_path)
+    return facts.family if facts is not None else "invalid" if failed else PENDING
 
 
 class RequestTracker:
-    """One generation request: counts it and its tokens, times first token and completion."""
+    """One generation request: counts it and its tokens, times first token and completion. Its labels are settled
+    (`settle`, a stat of the adapter's files: off the event loop) at its first output or failure, once admission has
+    validated its adapter; a request cancelled before either is labelled `pending`."""
 
     def __init__(self, lora_request, facts_of, delta_outputs: bool):
-        self.labels = (lora_request.lora_name if lora_request else BASE, family_of(lora_request, facts_of))
+        self.lora_request = lora_request
+        self.facts_of = facts_of
+        self.labels: tuple[str, str] | None = None
         self.delta = delta_outputs
         self.start = time.perf_counter()
         self.first_token_seen = False
         self.prompt_tokens = 0
         self.generated = 0
-        REQUESTS.labels(*self.labels).inc()
+
+    def settle(self, failed: bool = False) -> None:
+        self._count(family_of(self.lora_request, self.facts_of, failed))
+
+    def _count(self, family: str) -> None:
+        if self.labels is None:
+            self.labels = (self.lora_request.lora_name if self.lora_request else BASE, family)
+            REQUESTS.labels(*self.labels).inc()
 
     def output(self, output) -> None:
         self.prompt_tokens = len(output.prompt_token_ids or [])
@@ -65,6 +80,7 @@ class RequestTracker:
         ERRORS.labels(*self.labels).inc()
 
     def done(self) -> None:
+        self._count(BASE if self.lora_request is None else PENDING)  # cancelled before its first output
         PROMPT_TOKENS.labels(*self.labels).inc(self.prompt_tokens)
         GENERATED_TOKENS.labels(*self.labels).inc(self.generated)
         E2E.labels(*self.labels).observe(time.perf_counter() - self.start)
@@ -72,13 +88,16 @@ class RequestTracker:
 
 class LoadTracker:
     def __init__(self, lora_request, facts_of):
-        self.family = family_of(lora_request, facts_of)
+        self.lora_request = lora_request
+        self.facts_of = facts_of
         self.start = time.perf_counter()
 
     def done(self, ok: bool) -> None:
+        """After the load: its family is recorded by then (a stat; call it off the event loop)."""
         if ok:
-            LOADS.labels(self.family).inc()
-            LOAD_LATENCY.labels(self.family).observe(time.perf_counter() - self.start)
+            family = family_of(self.lora_request, self.facts_of)
+            LOADS.labels(family).inc()
+            LOAD_LATENCY.labels(family).observe(time.perf_counter() - self.start)
         else:
             LOAD_FAILURES.inc()
 
@@ -92,9 +111,8 @@ class ResidencyTracker:
     the ledger is updated by the workers as adapters move, so the scrape sees the state at that moment and the
     cumulative tier entries and exits in between (an adapter loaded and evicted between two scrapes is counted)."""
 
-    def __init__(self, admin, facts_of):
-        self.admin = admin  # the engine's AdapterAdmin: the workers' ledger and the registered names
-        self.facts_of = facts_of  # path -> the engine's cached adapter_facts
+    def __init__(self, admin):
+        self.admin = admin  # the engine's AdapterAdmin: the workers' ledger, the registered names, their facts
         self.snapshot: dict | None = None
         self.facts: dict[str, tuple[str, int, int]] = {}  # name -> (family, own bytes, worker bytes)
         for previous in _collectors:  # one exporter per process: the newest engine's
@@ -102,14 +120,18 @@ class ResidencyTracker:
         REGISTRY.register(self)
         _collectors[:] = [self]
 
-    def _facts(self, name: str, lora) -> tuple[str, int, int] | None:
-        if lora is not None:
-            try:
-                facts = self.facts_of(lora.lora_path)
-                self.facts[name] = (facts.family, facts.nbytes, facts.worker_bytes)
-            except Exception:  # an adapter that went bad on disk keeps the facts it was served with
-                pass
-        return self.facts.get(name)
+    def _facts(self, names: set[str], registered: dict) -> dict[str, tuple[str, int, int]]:
+        """Each name's recorded facts (a stat per adapter, run off the event loop); an adapter whose current version
+        is not validated yet keeps the facts it was last seen with."""
+        facts = {}
+        for name in names:
+            lora = registered.get(name)
+            recorded = self.admin.facts_of(lora.lora_path) if lora is not None else None
+            if recorded is not None:
+                facts[name] = (recorded.family, recorded.nbytes, recorded.worker_bytes)
+            elif name in self.facts:
+                facts[name] = self.facts[name]
+        return facts
 
     async def refresh(self) -> None:
         engine_client = self.admin.state.engine_client
@@ -117,8 +139,7 @@ class ResidencyTracker:
         versions = getattr(engine_client, "_tenfold_versions", None)
         VERSIONS.set(versions.live_versions() if versions is not None else 0)
         registered = dict(self.admin.models.lora_requests)
-        for name in set(registered) | set(snapshot["adapters"]):
-            self._facts(name, registered.get(name))
+        self.facts = await asyncio.to_thread(self._facts, set(registered) | set(snapshot["adapters"]), registered)
         snapshot["registered"] = sorted(registered)
         self.snapshot = snapshot
 
@@ -140,7 +161,7 @@ class ResidencyTracker:
         counts = {tier: 0 for tier in TIER_NAMES}
         tier_bytes = {tier: 0 for tier in TIER_NAMES}
         for name in sorted(set(snapshot["registered"]) | set(held)):
-            family, own, worker = self.facts.get(name, ("unknown", 0, 0))
+            family, own, worker = self.facts.get(name, (PENDING, 0, 0))
             tiers = held.get(name, {}).get("tiers", [])
             for tier in TIER_NAMES:
                 present = tier in tiers

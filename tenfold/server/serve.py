@@ -37,8 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port on --host (0: no gRPC server)")
-    parser.add_argument("--api-key", help="required (Authorization: Bearer) for admin routes")
-    parser.add_argument("--protect-all", action="store_true", help="require --api-key for every /v1 route")
+    parser.add_argument("--api-key", help="the key (HTTP Authorization: Bearer KEY, gRPC metadata authorization) every "
+                                          "route needs except health (/health, /ping; gRPC health) and, unless "
+                                          "--protect-all, serving (completions, chat completions, /v1/models, "
+                                          "/tokenize, /detokenize, /metrics; gRPC Generate, GenerateStream, "
+                                          "ListAdapters): adapter admin and every other route need it "
+                                          "(tenfold/server/access.py lists the open routes)")
+    parser.add_argument("--protect-all", action="store_true",
+                        help="with --api-key: serving routes need the key too (only health stays open)")
+    parser.add_argument("--grpc-tls-cert", type=Path, metavar="PEM",
+                        help="serve gRPC over TLS with this certificate chain (with --grpc-tls-key; HTTP takes vLLM's "
+                             "--ssl-certfile/--ssl-keyfile)")
+    parser.add_argument("--grpc-tls-key", type=Path, metavar="PEM", help="the private key of --grpc-tls-cert")
     parser.add_argument("--mode", choices=MODES, default=os.environ.get(MODE_ENV, "native"),
                         help="execution path: native (tenfold's factorized kernels, every family; the default) or "
                              "convert (exactly-low-rank families as LoRA on vLLM's kernels); sets TENFOLD_MODE")
@@ -88,13 +98,34 @@ def vllm_argv(args, passthrough: list[str]) -> list[str]:
     adapters = static_adapters(args.adapter)
     if adapters:
         argv += ["--lora-modules", *[f"{n}={p}" for n, p in adapters]]
-    if args.api_key and args.protect_all:
-        argv += ["--api-key", args.api_key]
-    return argv + passthrough
+    return argv + passthrough  # the key is tenfold's (access.py), not vLLM's --api-key, which guards only some prefixes
+
+
+def grpc_tls(args) -> tuple[bytes, bytes] | None:
+    """(certificate chain, private key) as PEM bytes for the gRPC server, checked now: both flags or neither, readable
+    files that hold a certificate and its private key."""
+    import ssl
+
+    cert, key = getattr(args, "grpc_tls_cert", None), getattr(args, "grpc_tls_key", None)
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise SystemExit("tenfold serve: --grpc-tls-cert and --grpc-tls-key go together (a certificate chain and its "
+                         f"private key, PEM); got only {'--grpc-tls-cert' if key is None else '--grpc-tls-key'}")
+    try:
+        pems = cert.read_bytes(), key.read_bytes()
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as e:  # before OSError, its base class
+        raise SystemExit(f"tenfold serve: --grpc-tls-cert {cert} / --grpc-tls-key {key}: not a PEM certificate chain "
+                         f"and its private key ({e.reason or e})") from None
+    except OSError as e:
+        raise SystemExit(f"tenfold serve: --grpc-tls-cert {cert} / --grpc-tls-key {key}: {e}") from None
+    return pems
 
 
 def run(args, passthrough: list[str]) -> int:
     """One engine in this process (`tenfold serve` without --replicas)."""
+    tls = grpc_tls(args)
     if args.adapter_root is not None:
         if not args.adapter_root.is_dir():
             raise SystemExit(f"tenfold serve: --adapter-root {args.adapter_root} is not a directory")
@@ -104,23 +135,33 @@ def run(args, passthrough: list[str]) -> int:
     if args.adapter_memory is not None:
         os.environ[MEMORY_ENV] = repr(args.adapter_memory)
 
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
     from ..engine.plugin import register
 
     register()
-    vllm_args = make_arg_parser(FlexibleArgumentParser(prog="tenfold serve")).parse_args(vllm_argv(args, passthrough))
-    validate_parsed_serve_args(vllm_args)
-    settings = ServeSettings(api_key=args.api_key, protect_all=args.protect_all,
-                             adapter_root=args.adapter_root.resolve() if args.adapter_root else None)
+    vllm_args = vllm_serve_args(args, passthrough)
     import uvloop
 
-    uvloop.run(_serve(vllm_args, settings, args.grpc_port, args.pin))
+    uvloop.run(_serve(vllm_args, serve_settings(args), args.grpc_port, args.pin, tls))
     return 0
 
 
-async def _serve(vllm_args, settings: ServeSettings, grpc_port: int, pins: list[str]) -> None:
+def vllm_serve_args(args, passthrough: list[str]):
+    """vLLM's parsed server arguments for these `tenfold serve` arguments."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm_args = make_arg_parser(FlexibleArgumentParser(prog="tenfold serve")).parse_args(vllm_argv(args, passthrough))
+    validate_parsed_serve_args(vllm_args)
+    return vllm_args
+
+
+def serve_settings(args) -> ServeSettings:
+    return ServeSettings(api_key=args.api_key, protect_all=args.protect_all,
+                         adapter_root=args.adapter_root.resolve() if args.adapter_root else None)
+
+
+async def _serve(vllm_args, settings: ServeSettings, grpc_port: int, pins: list[str],
+                 tls: tuple[bytes, bytes] | None) -> None:
     from vllm import envs
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
@@ -135,8 +176,8 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int, pins: list[
         tasks = await engine_client.get_supported_tasks()
         app = build_app(vllm_args, tasks, engine_client.model_config)
         await init_app_state(engine_client, app.state, vllm_args, tasks)
-        admin = AdapterAdmin(app.state, settings)
-        install(app, admin, metrics.ResidencyTracker(admin, facts_of))
+        admin = AdapterAdmin(app.state, settings, facts_of)
+        install(app, admin, metrics.ResidencyTracker(admin))
         for name in pins:
             try:
                 await admin.pin(name)
@@ -146,12 +187,12 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int, pins: list[
         if grpc_port:
             from .grpc.servicer import start
 
-            grpc_server = await start(admin, vllm_args.host, grpc_port)
+            grpc_server = await start(admin, vllm_args.host, grpc_port, tls)
         shutdown = await serve_http(app, sock=sock, host=vllm_args.host, port=vllm_args.port,
                                     log_level=vllm_args.uvicorn_log_level,
                                     access_log=not vllm_args.disable_uvicorn_access_log,
                                     timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
-                                    timeout_graceful_shutdown=HTTP_GRACE_SECONDS)
+                                    timeout_graceful_shutdown=HTTP_GRACE_SECONDS, **http_transport(vllm_args))
         try:
             await shutdown
         finally:
@@ -160,19 +201,28 @@ async def _serve(vllm_args, settings: ServeSettings, grpc_port: int, pins: list[
                 await grpc_server.stop(GRPC_GRACE_SECONDS)
 
 
+def http_transport(vllm_args) -> dict:
+    """vLLM's own HTTP transport flags, as vLLM's server hands them to uvicorn: TLS (--ssl-keyfile, --ssl-certfile,
+    --ssl-ca-certs, --ssl-cert-reqs, --ssl-ciphers, --enable-ssl-refresh) and the h11 header limits."""
+    names = ("enable_ssl_refresh", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs", "ssl_ciphers",
+             "h11_max_incomplete_event_size", "h11_max_header_count")
+    return {name: getattr(vllm_args, name) for name in names}
+
+
 def _instrument(engine_client):
-    """Hook tenfold's metrics into this engine client; returns the adapter facts it labels them with (path ->
-    `adapter_facts` for this engine's served model and tensor-parallel size)."""
+    """Hook tenfold's metrics into this engine client; returns the adapter facts it labels them with (path -> the
+    `recorded_facts` of its current version for this engine's served model and tensor-parallel size, or None when
+    this process has not validated that version: never a load)."""
     from vllm.sampling_params import RequestOutputKind
 
-    from ..engine.loader import adapter_facts
     from ..adapters.spec import served_spec
+    from ..engine.loader import recorded_facts
     from . import metrics
     from .instrument import instrument_engine_client
 
     spec = served_spec(engine_client.vllm_config.model_config.hf_config)
     tensor_parallel_size = engine_client.vllm_config.parallel_config.tensor_parallel_size
-    facts_of = functools.partial(adapter_facts, spec=spec, tensor_parallel_size=tensor_parallel_size)
+    facts_of = functools.partial(recorded_facts, spec=spec, tensor_parallel_size=tensor_parallel_size)
     instrument_engine_client(
         engine_client,
         on_request=lambda lora, params: metrics.RequestTracker(lora, facts_of,

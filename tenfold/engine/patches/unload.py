@@ -1,4 +1,5 @@
-"""A real unload (patch 6 of `vllm_compat`): the endpoint also frees the adapter in the engine."""
+"""A real unload (patch 6 of `vllm_compat`): the endpoint also unpins the name and frees the adapter in the engine.
+Every unload route (vLLM's /v1/unload_lora_adapter, tenfold's REST and gRPC admin) goes through it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ def replacements() -> list[Replacement]:
         result = await original(self, request)
         removed = self.lora_requests.take_removed(request.lora_name)
         if removed is not None:
+            # pins are by name in the workers: an unloaded name must not come back pinned when it loads again
+            await self.engine_client.collective_rpc("tenfold_pin", args=(request.lora_name, False))
             await self.engine_client.remove_lora(removed.lora_int_id)  # frees the worker slot and host cache
         return result
 

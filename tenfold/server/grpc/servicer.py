@@ -3,6 +3,7 @@ the standard health service and server reflection."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from http import HTTPStatus
 
@@ -10,28 +11,26 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ..access import grpc_method_is_open, is_admin
 from ..adapter_admin import AdapterAdmin, AdminError
 from ..api_key import bearer_key_matches
 from . import STATUS_TO_CODE, load_protos
 
 pb, services = load_protos()
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tenfold"].full_name
+logger = logging.getLogger(__name__)
 
 
 class TenfoldServicer(services.TenfoldServicer):
+    """The key is checked before any method runs (`KeyInterceptor`); every failure ends the call with a status and a
+    message: AdminError by its HTTP status, a dead engine UNAVAILABLE, anything else INTERNAL (no traceback)."""
+
     def __init__(self, admin: AdapterAdmin):
         self.admin = admin
 
-    async def _abort(self, context, e: AdminError):
-        await context.abort(STATUS_TO_CODE.get(e.status, grpc.StatusCode.INTERNAL), str(e))
-
-    def _authorize(self, context, admin_call: bool):
-        key = self.admin.settings.api_key
-        if not key or not (admin_call or self.admin.settings.protect_all):
-            return None
-        if bearer_key_matches(dict(context.invocation_metadata()).get("authorization"), key):
-            return None
-        return AdminError(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (metadata authorization: Bearer <key>)")
+    async def _abort(self, context, e: Exception):
+        code, message = _status(e)
+        await context.abort(code, message)
 
     def _sampling(self, request):
         from vllm import SamplingParams
@@ -48,9 +47,8 @@ class TenfoldServicer(services.TenfoldServicer):
 
     async def _stream(self, request, context):
         """Yields vLLM RequestOutputs; aborts the engine request if the call ends early (cancel, disconnect)."""
-        denied = self._authorize(context, admin_call=False)
-        if denied:
-            raise denied
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         kind = request.WhichOneof("prompt")
         if kind is None:
             raise AdminError(HTTPStatus.BAD_REQUEST, "a prompt is required: set text or token_ids")
@@ -64,11 +62,12 @@ class TenfoldServicer(services.TenfoldServicer):
             async for output in engine.generate(prompt, params, request_id, lora_request=lora):
                 finished = output.finished
                 yield output
-        except ValueError as e:  # vLLM's request validation (e.g. prompt too long)
-            raise AdminError(HTTPStatus.BAD_REQUEST, str(e)) from None
         finally:
             if not finished:
-                await engine.abort(request_id)
+                try:
+                    await engine.abort(request_id)
+                except EngineDeadError:  # nothing left to abort
+                    pass
 
     @staticmethod
     def _usage(output):
@@ -80,7 +79,7 @@ class TenfoldServicer(services.TenfoldServicer):
         try:
             async for output in self._stream(request, context):
                 last = output
-        except AdminError as e:
+        except Exception as e:
             await self._abort(context, e)
         completion = last.outputs[0]
         return pb.GenerateResponse(text=completion.text, token_ids=list(completion.token_ids),
@@ -100,50 +99,40 @@ class TenfoldServicer(services.TenfoldServicer):
                     usage=pb.Usage(prompt_tokens=len(output.prompt_token_ids or []), completion_tokens=len(token_ids)))
                 sent_text, sent_tokens = len(text), len(token_ids)
                 yield chunk
-        except AdminError as e:
+        except Exception as e:
             await self._abort(context, e)
 
     async def ListAdapters(self, request, context):
-        denied = self._authorize(context, admin_call=False)
-        if denied:
-            await self._abort(context, denied)
-        return pb.ListAdaptersResponse(adapters=[_adapter(a) for a in await self.admin.list()])
+        with_paths = is_admin(_authorization(context.invocation_metadata()), self.admin.settings.api_key)
+        try:
+            adapters = await self.admin.list(with_paths=with_paths)
+        except Exception as e:
+            await self._abort(context, e)
+        return pb.ListAdaptersResponse(adapters=[_adapter(a) for a in adapters])
 
     async def LoadAdapter(self, request, context):
         try:
-            denied = self._authorize(context, admin_call=True)
-            if denied:
-                raise denied
             return _adapter(await self.admin.load(request.name, request.path or None))
-        except AdminError as e:
+        except Exception as e:
             await self._abort(context, e)
 
     async def UnloadAdapter(self, request, context):
         try:
-            denied = self._authorize(context, admin_call=True)
-            if denied:
-                raise denied
             await self.admin.unload(request.name)
-        except AdminError as e:
+        except Exception as e:
             await self._abort(context, e)
         return pb.UnloadAdapterResponse()
 
     async def PinAdapter(self, request, context):
         try:
-            denied = self._authorize(context, admin_call=True)
-            if denied:
-                raise denied
             return _adapter(await self.admin.pin(request.name))
-        except AdminError as e:
+        except Exception as e:
             await self._abort(context, e)
 
     async def UnpinAdapter(self, request, context):
         try:
-            denied = self._authorize(context, admin_call=True)
-            if denied:
-                raise denied
             await self.admin.unpin(request.name)
-        except AdminError as e:
+        except Exception as e:
             await self._abort(context, e)
         return pb.UnpinAdapterResponse()
 
@@ -153,14 +142,70 @@ def _adapter(facts: dict):
                                                                  "residency", "tiers", "pinned")})
 
 
-async def start(admin: AdapterAdmin, host: str, port: int) -> grpc.aio.Server:
-    server = grpc.aio.server()
+def _authorization(metadata) -> str | None:
+    return dict(metadata or ()).get("authorization")
+
+
+def _status(e: Exception) -> tuple[grpc.StatusCode, str]:
+    from vllm.exceptions import GracefulHTTPError, VLLMClientError, VLLMNotFoundError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(e, AdminError):
+        return STATUS_TO_CODE.get(e.status, grpc.StatusCode.INTERNAL), str(e)
+    if isinstance(e, GracefulHTTPError):  # e.g. the engine's queue is full
+        return STATUS_TO_CODE.get(HTTPStatus(e.http_status), grpc.StatusCode.UNAVAILABLE), str(e)
+    if isinstance(e, (VLLMClientError, ValueError)):  # vLLM's request validation (e.g. prompt too long)
+        return (grpc.StatusCode.NOT_FOUND if isinstance(e, VLLMNotFoundError) else grpc.StatusCode.INVALID_ARGUMENT,
+                str(e))
+    if isinstance(e, EngineDeadError):
+        return grpc.StatusCode.UNAVAILABLE, "the engine stopped: this server is shutting down; retry on another"
+    logger.exception("gRPC call failed")
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); the server's log has the details"
+
+
+class KeyInterceptor(grpc.aio.ServerInterceptor):
+    """With --api-key, every method needs `authorization: Bearer <key>` except the open ones (`access.py`)."""
+
+    def __init__(self, api_key: str, protect_all: bool):
+        self.api_key = api_key
+        self.protect_all = protect_all
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if (handler is None or grpc_method_is_open(details.method, self.protect_all)
+                or bearer_key_matches(_authorization(details.invocation_metadata), self.api_key)):
+            return handler
+        return _refusing(handler)
+
+
+def _refusing(handler):
+    """A handler of the same kind as `handler` that ends the call with UNAUTHENTICATED before reading anything."""
+    async def refuse(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or wrong API key (metadata authorization: Bearer <key>)")
+
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[handler.request_streaming, handler.response_streaming](
+        refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+async def start(admin: AdapterAdmin, host: str, port: int, tls: tuple[bytes, bytes] | None = None) -> grpc.aio.Server:
+    """`tls`: (certificate chain, private key), PEM: the port serves TLS only."""
+    settings = admin.settings
+    server = grpc.aio.server(interceptors=[KeyInterceptor(settings.api_key, settings.protect_all)]
+                             if settings.api_key else None)
     services.add_TenfoldServicer_to_server(TenfoldServicer(admin), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise OSError(f"cannot bind the gRPC port {host}:{port}")
+    address = f"{host}:{port}"
+    if tls is not None:
+        bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC port {address}")
     await server.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
