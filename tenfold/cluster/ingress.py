@@ -23,15 +23,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from ..server.access import AccessGuard
 from ..server.api_key import bearer_key_matches
 from .grpc_ingress import STREAM_ENDED_EARLY, GrpcIngressMethods, parsed_body, replica_failure
 from .registry import REGISTRY_NAMESPACE
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 ADMIN_TIMEOUT_SECONDS = 600
-ALWAYS_PUBLIC_PATHS = ("/health",)
-# open to callers without the key unless --protect-all (a single engine's rule)
-SERVING_PATHS = (*GENERATION_PATHS, "/v1/models")
 SSE_DONE = b"data: [DONE]"
 SSE_EVENT_END = b"\n\n"
 
@@ -45,15 +43,11 @@ def error(status: int, message: str, retry: bool = False) -> JSONResponse:
                         headers={"Retry-After": "1"} if retry else None)
 
 
-def key_required(path: str, protect_all: bool) -> bool:
-    """Deny by default: with --api-key, whether a request for `path` (the routed path) must carry the key."""
-    return path not in ALWAYS_PUBLIC_PATHS and (protect_all or path not in SERVING_PATHS)
-
-
 def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, registry_name: str):
     app = FastAPI(title="tenfold cluster")
     if api_key:
-        app.add_middleware(KeyRequired, api_key=api_key, protect_all=protect_all)
+        # deny by default, by a single engine's rule (server/access.py), on every route the ingress has and has not
+        app.add_middleware(AccessGuard, api_key=api_key, protect_all=protect_all)
 
     @serve.ingress(app)
     class Ingress(GrpcIngressMethods):
@@ -148,7 +142,7 @@ def ingress_class(api_key: str | None, protect_all: bool, affinity: bool, regist
         @app.get("/v1/replicas")
         async def replicas(self, request: Request):
             """Each replica's engine URL: scrape its /metrics there (residency per adapter and tier)."""
-            return {"replicas": await self._replicas()}  # behind the key (KeyRequired)
+            return {"replicas": await self._replicas()}  # behind the key (AccessGuard)
 
         # --- adapter admin: the steps, then their HTTP routes -----------------------------------------------------------
         async def _admin_list(self, headers: dict, admin: bool = True) -> tuple[int, dict]:
@@ -301,23 +295,3 @@ async def whole_events_or_error(chunks):
     body = error_body(503, failure, "ServiceUnavailableError")
     yield b"data: " + json.dumps(body).encode() + SSE_EVENT_END
     yield SSE_DONE + SSE_EVENT_END
-
-
-class KeyRequired:
-    """Deny by default (an ASGI middleware): a request without the key is refused 401 unless its route is public
-    (`key_required`), including routes the ingress does not have."""
-
-    def __init__(self, app, api_key: str, protect_all: bool):
-        self.app, self.api_key, self.protect_all = app, api_key, protect_all
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            path = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):  # the routed path (Serve's route prefix is "/": normally none)
-                path = path[len(root):] or "/"
-            authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if key_required(path, self.protect_all) and not bearer_key_matches(authorization, self.api_key):
-                response = error(401, "missing or wrong API key (Authorization: Bearer <key>)")
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
