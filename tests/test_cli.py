@@ -231,3 +231,12 @@ def test_user_errors_are_clean(tmp_path, capsys):
     (tmp_path / "adapter_config.json").write_text("{not json")
     code, _, err = run_main(capsys, "inspect", tmp_path)
     assert code == 2 and "not valid JSON" in err
+
+
+@pytest.mark.parametrize("flags", [["--grpc-tls-cert", "c.pem", "--grpc-tls-key", "k.pem"],
+                                   ["--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"]])
+def test_replicas_refuse_tls_rather_than_serve_plaintext(flags, tmp_path):
+    """The cluster's front doors are Ray Serve's proxies, without TLS: asking for TLS there is an error at start."""
+    pytest.importorskip("ray", reason="tenfold serve --replicas runs on Ray Serve (the ray extra)")
+    with pytest.raises(SystemExit, match="serve without TLS"):
+        main(["serve", str(tmp_path), "--replicas", "2", *flags])

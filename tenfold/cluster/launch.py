@@ -53,6 +53,21 @@ def engine_cache_size(passthrough: list[str], default: str) -> int:
     return int(default)
 
 
+TLS_FLAGS = ("--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--grpc-tls-cert", "--grpc-tls-key")
+
+
+def refuse_tls(args, passthrough: list[str]) -> None:
+    """The cluster's front doors are Ray Serve's HTTP and gRPC proxies, which this launcher starts without TLS: a TLS
+    flag is refused rather than served in plaintext."""
+    given = [flag for flag in TLS_FLAGS
+             if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None
+             or any(a == flag or a.startswith(flag + "=") for a in passthrough)]
+    if given:
+        raise SystemExit(f"tenfold serve --replicas: {', '.join(given)}: the cluster's HTTP and gRPC front doors (Ray "
+                         f"Serve's proxies) serve without TLS; terminate TLS in front of them (a load balancer or a "
+                         f"reverse proxy), or serve one engine without --replicas")
+
+
 def run(args, passthrough: list[str]) -> int:
     try:
         import ray
@@ -66,6 +81,7 @@ def run(args, passthrough: list[str]) -> int:
 
     if args.adapter_root is not None and not args.adapter_root.is_dir():
         raise SystemExit(f"tenfold serve: --adapter-root {args.adapter_root} is not a directory")
+    refuse_tls(args, passthrough)
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
     if args.affinity_timeout < 0:
         raise SystemExit(f"tenfold serve: --affinity-timeout {args.affinity_timeout}: must be >= 0 seconds")
