@@ -324,6 +324,10 @@ def test_metrics_count_the_traffic(server):
     assert value(after, "tenfold_resident_adapters", tier="registered") >= 1
     assert value(after, "tenfold_resident_adapter_bytes", tier="registered") > 0
     assert any(name.startswith("vllm:") for name, _ in after), "vLLM's own metrics are still exported"
+    budget, used = value(after, "tenfold_adapter_memory_bytes", kind="budget"), value(
+        after, "tenfold_adapter_memory_bytes", kind="used")
+    assert 0 < used <= budget and value(after, "tenfold_adapter_memory_bytes", kind="beyond") >= 0
+    assert ("tenfold_adapter_memory_beyond_budget_bytes_total", ()) in after
 
 
 def test_metrics_count_loads_and_unloads(server):

@@ -196,6 +196,25 @@ class ResidencyTracker:
         total_bytes.add_metric(["worker_cache"], tier_bytes["host"])
         total_bytes.add_metric(["device"], tier_bytes["device"])
         yield from (resident, pinned, nbytes, entries, exits, evictions, totals, total_bytes)
+        yield from _adapter_memory(snapshot.get("adapter_memory"))
+
+
+def _adapter_memory(memory: dict | None):
+    """The native adapter memory of rank 0's worker: its budget, what is placed in it, and what a step placed beyond
+    it (served rather than refused, given back at the next steps)."""
+    if memory is None:  # convert mode: vLLM's own LoRA buffers
+        return
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    gauge = GaugeMetricFamily("tenfold_adapter_memory_bytes", "Native adapter memory: the budget (--adapter-memory), "
+                              "the bytes placed in it, and the bytes placed beyond it now", labels=["kind"])
+    for kind in ("budget", "used", "beyond"):
+        gauge.add_metric([kind], memory[kind])
+    yield gauge
+    beyond = CounterMetricFamily("tenfold_adapter_memory_beyond_budget_bytes", "Every byte a step placed beyond the "
+                                 "adapter memory budget (given back when it fits again or is no longer needed)")
+    beyond.add_metric([], memory["beyond_total"])
+    yield beyond
 
 
 TIER_NAMES = ("device", "host")

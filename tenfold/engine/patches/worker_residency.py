@@ -67,7 +67,13 @@ def replacements() -> list[Replacement]:
         manager = lora_manager(self)
         observe(manager)
         adapters = manager._adapter_manager
-        return manager._tenfold.ledger.snapshot(adapters.lora_slots, adapters.capacity)
+        snapshot = manager._tenfold.ledger.snapshot(adapters.lora_slots, adapters.capacity)
+        native = getattr(adapters, "_tenfold_native", None)
+        if native is not None:  # the adapter memory budget and what a step placed beyond it (native mode)
+            memory = native.store.memory
+            snapshot["adapter_memory"] = {"budget": memory.capacity, "used": memory.used, "beyond": memory.beyond,
+                                          "beyond_total": memory.beyond_total}
+        return snapshot
 
     def tenfold_pin(self, name: str, pinned: bool) -> dict:
         manager = lora_manager(self)
