@@ -38,6 +38,8 @@ def server(tiny_model_dirs, specs, tmp_path_factory):
         save_adapter(make("lora", spec, seed=320 + i), root / f"churn{i}")
     adapters["keep"] = make("miss", spec, seed=330)
     save_adapter(adapters["keep"], root / "keep")
+    adapters["via-vllm"] = make("lorta_qv", spec, seed=331)
+    save_adapter(adapters["via-vllm"], root / "via-vllm")
     log = tmp_path_factory.mktemp("log") / "serve.log"
     grpc_port = free_port()
     # a size limit between the small adapters (< 0.5 MB) and the rank-32 LoRA on all modules (1.7 MB)
@@ -111,6 +113,21 @@ def test_admin_needs_the_key(server):
     assert httpx.post(f"{server['url']}/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": "x"}
                       ).status_code == 401
     assert httpx.get(url, headers=ADMIN).status_code == 200
+
+
+def test_vllms_own_load_route_loads_inside_the_root_only(server, hf_models):
+    """vLLM's /v1/load_lora_adapter (tenfold's route in its place) loads by path inside --adapter-root, with the key."""
+    load = f"{server['url']}/v1/load_lora_adapter"
+    outside = httpx.post(load, json={"lora_name": "x", "lora_path": "/etc"}, headers=ADMIN, timeout=120)
+    assert outside.status_code == 400 and "outside the adapter root" in outside.text
+    path = str(server["root"] / "via-vllm")
+    loaded = httpx.post(load, json={"lora_name": "via-vllm", "lora_path": path}, headers=ADMIN, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    prompt = random_prompts(1, seed=221)[0]
+    expected = greedy_reference(hf_models["mha"], prompt, 16, server["adapters"]["via-vllm"])[0]
+    assert completion_tokens(server["client"], "via-vllm", prompt) == expected
+    unloaded = httpx.post(f"{server['url']}/v1/unload_lora_adapter", json={"lora_name": "via-vllm"}, headers=ADMIN)
+    assert unloaded.status_code == 200, unloaded.text
 
 
 def test_every_other_route_needs_the_key(server):

@@ -12,6 +12,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.middleware import Middleware
+# module level: FastAPI reads a route's (string) annotations in the module's namespace to find its request body
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from .access import AccessGuard, error, is_admin
 from .adapter_admin import AdapterAdmin, AdminError, ServeSettings, resolve_runtime_path
@@ -27,10 +31,6 @@ class LoadAdapter(BaseModel):
 
 
 def install(app: FastAPI, admin: AdapterAdmin, residency=None) -> None:
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-    from vllm.entrypoints.serve.utils.api_utils import validate_json_request
-
     settings: ServeSettings = admin.settings
     router = APIRouter()
 
