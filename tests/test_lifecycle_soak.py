@@ -38,7 +38,14 @@ FAMILIES = {"native": {"lora": "lora", "miss": "miss", "mini": "miss_mini", "bat
             "convert": {"lora": "lora", "miss": "miss", "mini": "miss_mini", "lorta": "lorta_qv"}}
 # what each admin call may answer while traffic re-resolves names from the adapter root at any moment
 UNLOAD_OK = {200, 404}
-LOAD_OK = {200, 400, 409}  # 400 (vLLM's route) / 409 (tenfold's): the name was loaded again by a request meanwhile
+LOAD_OK = {200, 409}  # 409: the name was loaded again by a request meanwhile (vLLM's route says so with a 400)
+
+
+def already_loaded_as_409(response) -> int:
+    """vLLM's load route answers a name loaded meanwhile with 400 "has already been loaded": any other 400 is not."""
+    if response.status_code == 400 and "has already been loaded" in response.text:
+        return 409
+    return response.status_code
 
 
 class VersionLog:
@@ -232,8 +239,8 @@ def _soak(server, grpc_target, root, names, prompts, refs, spec, seeds):
                 admin_call(f"unload/{how}", name, call, UNLOAD_OK)
             elif op == "load":
                 how = rng.choice(["vllm", "rest", "grpc"])
-                call = {"vllm": lambda: http.post(f"{url}/v1/load_lora_adapter", json={
-                            "lora_name": name, "lora_path": str(root / name)}).status_code,
+                call = {"vllm": lambda: already_loaded_as_409(http.post(f"{url}/v1/load_lora_adapter", json={
+                            "lora_name": name, "lora_path": str(root / name)})),
                         "rest": lambda: http.post(f"{url}/v1/adapters", json={"name": name}).status_code,
                         "grpc": lambda: grpc_status(stub.LoadAdapter, pb.LoadAdapterRequest(name=name))}[how]
                 admin_call(f"load/{how}", name, call, LOAD_OK)

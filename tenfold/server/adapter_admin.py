@@ -103,10 +103,13 @@ class AdapterAdmin:
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
         resolved = resolve_runtime_path(self.settings, name, path)
+        already = AdminError(HTTPStatus.CONFLICT, f"adapter {name!r} is already loaded; unload it first")
         if name in self.models.lora_requests:
-            raise AdminError(HTTPStatus.CONFLICT, f"adapter {name!r} is already loaded; unload it first")
+            raise already
         result = await self.models.load_lora_adapter(LoadLoRAAdapterRequest(lora_name=name, lora_path=str(resolved)))
         if not isinstance(result, str):
+            if name in self.models.lora_requests:  # a request resolved the name meanwhile (vLLM answers 400)
+                raise already
             raise AdminError(HTTPStatus(result.error.code), result.error.message)
         return await self.describe(self.models.lora_requests[name])
 
