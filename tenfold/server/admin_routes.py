@@ -6,16 +6,10 @@ Status codes: 400 unusable adapter or malformed request, 401 missing/wrong key, 
 409 name already loaded or no room to pin, 413 adapter over the size limit.
 """
 
-from __future__ import annotations
-
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.middleware import Middleware
-# module level: FastAPI reads a route's (string) annotations in the module's namespace to find its request body
-from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from .access import AccessGuard, error, is_admin
 from .adapter_admin import AdapterAdmin, AdminError, ServeSettings, resolve_runtime_path
@@ -31,6 +25,13 @@ class LoadAdapter(BaseModel):
 
 
 def install(app: FastAPI, admin: AdapterAdmin, residency=None) -> None:
+    # imported here (`tenfold inspect` imports this module and needs none of vLLM's server); annotations in this
+    # module are evaluated at definition (no `from __future__ import annotations`): FastAPI finds a route's request
+    # body by its annotation's class, which a string naming this local import would not give it
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+    from vllm.entrypoints.serve.utils.api_utils import validate_json_request
+
     settings: ServeSettings = admin.settings
     router = APIRouter()
 
